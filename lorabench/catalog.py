@@ -1,0 +1,120 @@
+"""The model and GPU catalogs: conf/model/*.yaml, conf/gpu/*.yaml, aliases, local config.json paths.
+
+The YAML files are the same ones Hydra composes for the sweep runner (config groups ``model`` and ``gpu``),
+so the planner and the runner read one source of truth.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorabench.architectures import spec_from_hf_config
+from lorabench.errors import UserError, suggest
+from lorabench.specs import GpuSpec, ModelSpec
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    with path.open() as fh:
+        doc = yaml.safe_load(fh)
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a YAML mapping", "fix or remove the file")
+    return doc
+
+
+@functools.lru_cache(maxsize=None)
+def _model_docs() -> dict[str, dict[str, Any]]:
+    return {p.stem: _load_yaml(p) for p in sorted((CONF_DIR / "model").glob("*.yaml"))}
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_docs() -> dict[str, dict[str, Any]]:
+    return {p.stem: _load_yaml(p) for p in sorted((CONF_DIR / "gpu").glob("*.yaml"))}
+
+
+def _alias_map(docs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for name, doc in docs.items():
+        names[name.lower()] = name
+        for alias in doc.get("aliases") or []:
+            names[str(alias).lower()] = name
+    return names
+
+
+def model_names() -> list[str]:
+    """Catalog model names (file stems of conf/model/*.yaml)."""
+    return list(_model_docs())
+
+
+def model_aliases() -> dict[str, list[str]]:
+    """name -> aliases."""
+    return {n: [str(a) for a in d.get("aliases") or []] for n, d in _model_docs().items()}
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no config.json at {path}", "pass a catalog model name or a path to a Hugging Face config.json")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err.msg if hasattr(err, 'msg') else err})",
+                        "pass an unmodified Hugging Face config.json") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{file} does not hold a JSON object", "pass a Hugging Face config.json")
+    # Multimodal/wrapped configs keep the language model under text_config.
+    if "model_type" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    return cfg
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """Resolve a catalog name, an alias (``7b``) or a local config.json path/folder to a ModelSpec.
+
+    Raises:
+        UserError: unknown name (with close suggestions), missing or malformed config.json.
+    """
+    key = name_or_path.strip()
+    docs = _model_docs()
+    aliases = _alias_map(docs)
+    if key.lower() in aliases:
+        name = aliases[key.lower()]
+        doc = docs[name]
+        return spec_from_hf_config(doc["hf_config"], name=name, display=str(doc.get("display", name)))
+    path = Path(key).expanduser()
+    if path.exists() or key.endswith(".json") or "/" in key:
+        return spec_from_hf_config(_read_config_json(path), name=str(path), display=path.name)
+    raise suggest(key, list(aliases), "model")
+
+
+def gpu_names() -> list[str]:
+    return list(_gpu_docs())
+
+
+def load_gpu(name: str) -> GpuSpec:
+    """Resolve a GPU catalog name or alias (``h100``)."""
+    docs = _gpu_docs()
+    aliases = _alias_map(docs)
+    if name.strip().lower() not in aliases:
+        raise suggest(name, list(aliases), "GPU")
+    key = aliases[name.strip().lower()]
+    doc = docs[key]
+    return GpuSpec(
+        name=key,
+        memory_bytes=int(doc["memory_bytes"]),
+        bf16_flops_per_s=float(doc["bf16_flops_per_s"]),
+        memory_bandwidth_bytes_per_s=float(doc["memory_bandwidth_bytes_per_s"]),
+        display=str(doc.get("display", key)),
+        aliases=tuple(str(a) for a in doc.get("aliases") or []),
+    )
+
+
+def all_gpus() -> list[GpuSpec]:
+    """Every catalog GPU, smallest memory first."""
+    return sorted((load_gpu(n) for n in gpu_names()), key=lambda g: g.memory_bytes)

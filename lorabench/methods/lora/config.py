@@ -1,0 +1,39 @@
+"""LoRA config with PEFT's defaults and names (peft.LoraConfig)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorabench.errors import require
+from lorabench.methods.base import MethodConfig
+
+
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    """Low-rank update W + (alpha/r) * B A on each targeted linear (Hu et al. 2021, eq. 3)."""
+
+    name: ClassVar[str] = "lora"
+    r: int = 8
+    """Rank of A (r x in) and B (out x r)."""
+    lora_alpha: float = 8
+    """Scaling numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input; p > 0 keeps one extra copy of each targeted module's input."""
+    target_modules: str | tuple[str, ...] | None = None
+    """Module-name suffixes, 'all-linear', or None for PEFT's per-architecture default (q_proj, v_proj)."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
+
+    def __post_init__(self) -> None:
+        require(int(self.r) == self.r and self.r > 0, f"lora rank r={self.r} must be a positive integer",
+                "pass --r 8 (or any integer >= 1)")
+        require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is outside [0, 1)",
+                "pass --lora-dropout 0.05 for example")
+        require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive", "pass --lora-alpha 16")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -1,0 +1,38 @@
+"""QLoRA config: LoRA knobs plus the 4-bit storage of the frozen base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorabench.errors import require
+from lorabench.methods.lora.config import LoraConfig
+
+
+@dataclass(frozen=True)
+class QLoraConfig(LoraConfig):
+    """LoRA on a base whose linear weights are NF4 (lm_head, embeddings and norms stay 16-bit).
+
+    The QLoRA paper applies LoRA to every linear layer (Sec. 4, "all linear transformer block layers"),
+    so ``target_modules`` defaults to ``all-linear`` here, unlike plain LoRA.
+    """
+
+    name: ClassVar[str] = "qlora"
+    target_modules: str | tuple[str, ...] | None = "all-linear"
+    double_quant: bool = True
+    """Quantize the fp32 absmax constants to 8 bit (blocks of 256): 0.127 vs 0.5 bits/param."""
+    blocksize: int = 64
+    """NF4 block size (elements per absmax)."""
+    compute_dtype: str = "bf16"
+    """dtype the weight is dequantized to for the matmul."""
+    backend: str = "lorabench"
+    """'lorabench' (own NF4 layer) or 'bitsandbytes' (bnb Linear4bit, for side-by-side comparison)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.backend in ("lorabench", "bitsandbytes"), f"qlora backend {self.backend!r} is unknown",
+                "use backend=lorabench or backend=bitsandbytes")
+        require(self.compute_dtype in ("bf16", "fp16", "fp32"), f"compute_dtype {self.compute_dtype!r} is unknown",
+                "use bf16, fp16 or fp32")
+        require(self.blocksize in (32, 64, 128, 256), f"blocksize {self.blocksize} is not supported",
+                "use 64 (the NF4 default)")

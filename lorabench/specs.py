@@ -1,0 +1,260 @@
+"""Frozen specifications shared by the planner, the runtime and the records (stdlib only).
+
+A :class:`ModelSpec` is the architecture as the planner sees it: an inventory of the weight matrices of
+one decoder layer plus the parameters outside the layers. It is derived from a Hugging Face
+``config.json`` dict by :mod:`lorabench.architectures`; the runtime builds the same model from the same
+dict, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+#: Bytes per element of the dtypes lorabench speaks about.
+DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4,
+    "bf16": 2,
+    "fp16": 2,
+    "int8": 1,
+    "nf4": 0.5,
+}
+
+#: Module kinds used to split parameter counts (the same split the exact-count tests use).
+PARAM_KINDS: tuple[str, ...] = ("embeddings", "attention", "mlp", "norms", "lm_head")
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One weight matrix of a decoder layer (an ``nn.Linear``/``Conv1D`` or a fused expert tensor).
+
+    Attributes:
+        name: module path inside the decoder layer, e.g. ``"self_attn.q_proj"``.
+        in_features: input width of x @ W^T.
+        out_features: output width.
+        bias: whether the module has a bias vector of ``out_features``.
+        kind: ``"attention"`` or ``"mlp"`` (experts and routers count as mlp).
+        copies: number of such matrices (MoE experts), 1 for dense layers.
+        is_linear: True for an ``nn.Linear``/``Conv1D`` module (what PEFT can target and what
+            QLoRA quantizes); False for raw parameters such as fused expert tensors and routers.
+        feedforward: True for the module PEFT's IA3 treats as feed-forward (scales its input).
+        quantizable: whether QLoRA stores this matrix in NF4 (routers stay 16-bit).
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    kind: str
+    copies: int = 1
+    is_linear: bool = True
+    feedforward: bool = False
+    quantizable: bool = True
+
+    @property
+    def leaf(self) -> str:
+        """Last component of the module path (what PEFT's ``target_modules`` lists match)."""
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def weight_params(self) -> int:
+        """Elements of the weight(s): copies * in * out."""
+        return self.copies * self.in_features * self.out_features
+
+    @property
+    def bias_params(self) -> int:
+        """Elements of the bias vector(s)."""
+        return self.copies * self.out_features if self.bias else 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer as the planner needs it.
+
+    Attributes:
+        name: catalog name (``llama-2-7b``) or the path it was read from.
+        model_type: Hugging Face ``model_type`` (``llama``, ``qwen2``, ``gpt2``...).
+        vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim:
+            the usual shape fields (``head_dim`` may differ from hidden/heads, e.g. Gemma-2).
+        tie_word_embeddings: lm_head shares the embedding matrix (counted once).
+        matrices: the weight matrices of ONE decoder layer.
+        norm_params_per_layer: elements of all norm weights/biases in one layer.
+        final_norm_params: elements of the final norm.
+        position_embedding_params: learned absolute position embeddings (GPT-2's wpe), else 0.
+        gated_mlp: SwiGLU/GeGLU (gate, up, down) rather than a plain 2-matrix MLP.
+        norm_kind: ``rmsnorm`` or ``layernorm``.
+        num_experts, experts_per_token: MoE routing (0 for dense models).
+        max_position_embeddings: the longest context the config declares.
+        display: human name for tables.
+        hf_config: the raw config dict the runtime builds the model from.
+    """
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    matrices: tuple[MatrixSpec, ...]
+    norm_params_per_layer: int
+    final_norm_params: int
+    position_embedding_params: int = 0
+    gated_mlp: bool = True
+    norm_kind: str = "rmsnorm"
+    num_experts: int = 0
+    experts_per_token: int = 0
+    max_position_embeddings: int = 0
+    display: str = ""
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # ---- parameter counts (exact; tested against transformers on the meta device) ----
+    @property
+    def embedding_params(self) -> int:
+        """Token embeddings V*h plus learned position embeddings."""
+        return self.vocab_size * self.hidden_size + self.position_embedding_params
+
+    @property
+    def lm_head_params(self) -> int:
+        """V*h for an untied head, 0 when tied to the embeddings (counted once)."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    def layer_params(self, kind: str | None = None) -> int:
+        """Parameters of one decoder layer (weights + biases), optionally of one kind only."""
+        total = sum(m.weight_params + m.bias_params for m in self.matrices if kind in (None, m.kind))
+        if kind in (None, "norms"):
+            total += self.norm_params_per_layer
+        return total
+
+    def params_by_kind(self) -> dict[str, int]:
+        """Exact parameter counts split into :data:`PARAM_KINDS`."""
+        return {
+            "embeddings": self.embedding_params,
+            "attention": self.num_layers * self.layer_params("attention"),
+            "mlp": self.num_layers * self.layer_params("mlp"),
+            "norms": self.num_layers * self.norm_params_per_layer + self.final_norm_params,
+            "lm_head": self.lm_head_params,
+        }
+
+    @property
+    def total_params(self) -> int:
+        """All parameters, tied embeddings counted once."""
+        return sum(self.params_by_kind().values())
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def linear_matrices(self) -> tuple[MatrixSpec, ...]:
+        """Matrices that are ``nn.Linear``/``Conv1D`` modules (PEFT targets, QLoRA-quantized)."""
+        return tuple(m for m in self.matrices if m.is_linear)
+
+    def quantized_matrices(self) -> tuple[MatrixSpec, ...]:
+        """Matrices QLoRA stores in NF4: every layer matrix except routers (lm_head stays 16-bit)."""
+        return tuple(m for m in self.matrices if m.quantizable)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """An accelerator from conf/gpu/*.yaml.
+
+    Attributes:
+        name: catalog name (``h100-80gb``).
+        memory_bytes: usable device memory as the driver reports it (total, before the CUDA context).
+        bf16_flops_per_s: dense bf16 tensor-core peak (no sparsity), for MFU.
+        memory_bandwidth_bytes_per_s: HBM/GDDR bandwidth.
+        display: human name.
+    """
+
+    name: str
+    memory_bytes: int
+    bf16_flops_per_s: float
+    memory_bandwidth_bytes_per_s: float
+    display: str = ""
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Optimizer state layout.
+
+    Attributes:
+        name: ``adamw``, ``adamw_8bit``, ``paged_adamw``, ``paged_adamw_8bit``, ``sgd``, ``sgd_momentum``.
+    """
+
+    name: str = "adamw"
+
+    @property
+    def states_per_param(self) -> int:
+        """Number of state tensors per parameter: Adam keeps m and v; SGD with momentum keeps one."""
+        return {"sgd": 0, "sgd_momentum": 1}.get(self.name, 2)
+
+    @property
+    def state_bytes_per_element(self) -> float | None:
+        """Bytes per state element; None means 'the parameter's own dtype' (torch's AdamW/SGD).
+
+        8-bit optimizers (Dettmers et al. 2022, arXiv:2110.02861) store 1 byte per element plus one fp32
+        absmax per 2048-element block: 1 + 4/2048 bytes.
+        """
+        if self.name.endswith("8bit"):
+            return 1 + 4 / 2048
+        return None
+
+    @property
+    def paged(self) -> bool:
+        """Paged optimizers keep states in unified memory that can page out to the host under pressure."""
+        return self.name.startswith("paged")
+
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training configuration.
+
+    Attributes:
+        micro_batch_size: sequences per GPU per step.
+        seq_len: tokens per sequence.
+        precision: ``fp32`` (fp32 weights, fp32 math); ``bf16-mixed``/``fp16-mixed`` (fp32 weights,
+            autocast matmuls to 16 bit, the HF Trainer ``bf16=True`` set-up); ``bf16``/``fp16`` (the model
+            stored in 16 bit; PEFT adapters kept fp32, full fine-tuning keeps everything 16-bit).
+        gradient_checkpointing: recompute each decoder layer in backward, keeping only its input.
+        attention: ``sdpa`` (memory-efficient/flash kernels: no s^2 buffer) or ``eager`` (materialized
+            attention probabilities).
+        optimizer: optimizer state layout.
+        grad_accum_steps: micro-batches per optimizer step (does not change peak memory).
+        num_gpus: data-parallel ranks.
+        sharding: ``none``, ``zero1`` (optimizer states), ``zero2`` (+ gradients), ``zero3`` (+ weights;
+            FSDP full shard).
+        master_weights: keep an fp32 copy of 16-bit trainable weights in the optimizer.
+    """
+
+    micro_batch_size: int = 1
+    seq_len: int = 512
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    grad_accum_steps: int = 1
+    num_gpus: int = 1
+    sharding: str = "none"
+    master_weights: bool = False
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens processed per micro-step on one GPU: b * s."""
+        return self.micro_batch_size * self.seq_len
+
+    @property
+    def param_dtype(self) -> str:
+        """Storage dtype of the model's weights."""
+        return {"bf16": "bf16", "fp16": "fp16"}.get(self.precision, "fp32")
+
+    @property
+    def compute_dtype(self) -> str:
+        """dtype of matmul outputs/activations."""
+        return {"fp32": "fp32", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.precision, self.param_dtype)
