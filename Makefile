@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Each creates .venv when needed. torch is installed first, pinned, so that a CPU-only machine
+# never resolves an unpinned `torch` into a multi-GB CUDA build; pass TORCH_PIP_ARGS to pick an index
+# (e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"), or SYSTEM_SITE=1 to reuse
+# the CUDA torch already installed on a GPU machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+SYSTEM_SITE ?= 0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: env test demo plan-bench clean-venv
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(if $(filter 1,$(SYSTEM_SITE)),--system-site-packages,) $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[runtime,reference,test]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/lorabench plan --model 70b --method qlora
+	$(BIN)/lorabench compare --model 7b
+	$(BIN)/lorabench run -m sweep=cpu-smoke
+	$(BIN)/lorabench report results/cpu-smoke
+
+plan-bench: $(STAMP)
+	$(BIN)/python scripts/bench_plan_startup.py
+
+clean-venv:
+	rm -rf $(VENV)

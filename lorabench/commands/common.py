@@ -1,0 +1,116 @@
+"""Flags shared by ``plan``, ``compare`` and ``trace``: model, method knobs, training and hardware."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lorabench.catalog import load_gpu, load_model
+from lorabench.methods import METHOD_NAMES, MethodConfig, make_config
+from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum")
+FORMATS = ("table", "markdown", "json", "csv")
+
+#: CLI flag -> method-config field (None default = the method's own default).
+METHOD_KNOBS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--r", "r", int, "LoRA rank (lora, qlora; default 8)"),
+    ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 8; scaling alpha/r)"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout p (default 0)"),
+    ("--target-modules", "target_modules", str, "comma-separated module suffixes or 'all-linear' (lora, qlora, ia3)"),
+    ("--feedforward-modules", "feedforward_modules", str, "IA3 modules that scale their input"),
+    ("--compute-dtype", "compute_dtype", str, "QLoRA dequantization dtype (bf16, fp16, fp32)"),
+    ("--blocksize", "blocksize", int, "NF4 block size (default 64)"),
+    ("--backend", "backend", str, "QLoRA 4-bit layer: lorabench or bitsandbytes"),
+    ("--num-virtual-tokens", "num_virtual_tokens", int, "prefix length (default 20)"),
+    ("--encoder-hidden-size", "encoder_hidden_size", int, "prefix projection width (default: token dim)"),
+    ("--reduction-factor", "reduction_factor", int, "adapter bottleneck = hidden // factor (default 16)"),
+    ("--placement", "placement", str, "adapters: double_seq_bn (Houlsby) or seq_bn (Pfeiffer)"),
+    ("--adapter-dtype", "adapter_dtype", str, "dtype of adapter weights (default fp32, PEFT's upcast)"),
+)
+METHOD_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--rslora", "use_rslora", "rank-stabilized scaling alpha/sqrt(r)"),
+    ("--prefix-projection", "prefix_projection", "prefix tuning through an MLP reparameterization"),
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_model_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="catalog name or alias (7b, 70b, llama-3.1-8b...) or a path to a HF config.json")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch", "--micro-batch", dest="micro_batch_size", type=_positive_int, default=1,
+                   help="micro-batch per GPU (default 1)")
+    g.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: bf16-mixed for full (fp32 master params), bf16 for the others")
+    g.add_argument("--checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
+                   help="recompute each layer in backward")
+    g.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
+                   help="micro-batches per optimizer step (does not change peak memory)")
+    g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
+    h = parser.add_argument_group("hardware")
+    h.add_argument("--gpu", default=None, help="catalog GPU (h100, a100-40gb, 4090...); default: every GPU")
+    h.add_argument("--gpus", dest="num_gpus", type=_positive_int, default=1, help="data-parallel GPUs")
+    h.add_argument("--sharding", choices=("none", "zero1", "zero2", "zero3"), default="none")
+
+
+def add_method_knobs(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("method knobs (PEFT names and defaults)")
+    for flag, dest, kind, text in METHOD_KNOBS:
+        g.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    for flag, dest, text in METHOD_FLAGS:
+        g.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
+                   help="QLoRA without double quantization of the absmax constants")
+
+
+def add_plan_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --method, every method knob, training and hardware flags."""
+    add_model_arg(parser)
+    parser.add_argument("--method", required=True, choices=METHOD_NAMES, metavar="METHOD",
+                        help=f"one of {', '.join(METHOD_NAMES)}")
+    add_method_knobs(parser)
+    add_train_args(parser)
+
+
+def method_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    names = [d for _, d, _, _ in METHOD_KNOBS] + [d for _, d, _ in METHOD_FLAGS] + ["double_quant"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def train_from_args(args: argparse.Namespace, method: str) -> TrainSpec:
+    precision = args.precision or ("bf16-mixed" if method == "full" else "bf16")
+    return TrainSpec(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, precision=precision,
+                     gradient_checkpointing=bool(args.gradient_checkpointing), attention=args.attention,
+                     optimizer=OptimizerSpec(args.optimizer), grad_accum_steps=args.grad_accum_steps,
+                     num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights))
+
+
+def gpu_from_args(args: argparse.Namespace) -> GpuSpec | None:
+    return load_gpu(args.gpu) if getattr(args, "gpu", None) else None
+
+
+def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, TrainSpec]:
+    """Resolve the model, the method config (with knobs) and the training spec; UserError on bad input."""
+    model = load_model(args.model)
+    method = make_config(args.method, method_knobs(args))
+    return model, method, train_from_args(args, args.method)
+
+
+def add_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")

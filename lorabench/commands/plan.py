@@ -1,0 +1,93 @@
+"""``lorabench plan``: the predicted memory breakdown, verdicts per GPU, the largest micro-batch."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from lorabench.catalog import all_gpus
+from lorabench.commands.common import add_format_arg, add_plan_args, gpu_from_args, specs_from_args
+from lorabench.memory.categories import PLANNER_COMPONENTS
+from lorabench.memory.planner import fits, max_micro_batch, predict
+from lorabench.render import render
+from lorabench.units import gib, human_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict the memory of a fine-tune (no torch, instant)",
+                       description="Predict per-GPU memory by component, the verdict on each GPU, the largest micro-batch.")
+    add_plan_args(p)
+    add_format_arg(p)
+    p.add_argument("--explain", action="store_true", help="show each component's formula, numbers and source")
+    p.add_argument("--trace", action="store_true", help="also run the fake-tensor tracer and add its column (torch)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, method, train = specs_from_args(args)
+    gpu = gpu_from_args(args)
+    pred = predict(model, method, train, gpu)
+    traced = _trace(model, method, train) if args.trace else None
+    rows = []
+    for name in PLANNER_COMPONENTS:
+        row = {"component": name, "GiB": gib(pred.components[name], 3)}
+        if traced is not None:
+            row["traced GiB"] = gib(traced.get(name, 0), 3) if name in traced else ""
+        rows.append(row)
+    total = {"component": "total (device)", "GiB": gib(pred.device_bytes, 3)}
+    if traced is not None:
+        total["traced GiB"] = ""
+    rows.append(total)
+    gpus = [gpu] if gpu else all_gpus()
+    verdicts = []
+    for g in gpus:
+        v = fits(pred, g)
+        verdicts.append({"gpu": g.name, "memory GiB": gib(g.memory_bytes, 1), "fits": "yes" if v.fits else "no",
+                         "headroom GiB": gib(v.headroom_bytes, 2),
+                         "max micro-batch": str(max_micro_batch(model, method, train, g))})
+    head = (f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
+            f"trainable {human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.3f}%) | "
+            f"b={train.micro_batch_size} s={train.seq_len} {train.precision}"
+            f"{' ckpt' if train.gradient_checkpointing else ''} {train.optimizer.name}"
+            f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''} | peak in {pred.phase}")
+    if args.format == "json":
+        extra = {"model": model.name, "method": method.to_dict(), "train": _train_dict(train),
+                 "prediction": pred.to_dict(), "verdicts": verdicts}
+        if traced is not None:
+            extra["traced"] = traced
+        print(render(rows, "json", extra=extra))
+        return 0
+    if args.format == "csv":
+        print(render(rows, "csv"))
+        return 0
+    print(head)
+    print(render(rows, args.format))
+    if train.grad_accum_steps > 1:
+        print(f"gradient accumulation x{train.grad_accum_steps}: same peak memory (one micro-batch at a time).")
+    if pred.host_bytes:
+        print(f"paged optimizer: {gib(pred.host_bytes)} GiB of states may page to host memory under pressure.")
+    print()
+    print(render(verdicts, args.format))
+    if args.explain:
+        from lorabench.memory.explain import explain
+
+        print()
+        print(render(explain(model, method, train, pred), args.format))
+    return 0
+
+
+def _train_dict(train) -> dict:  # type: ignore[no-untyped-def]
+    d = asdict(train)
+    d["optimizer"] = train.optimizer.name
+    return d
+
+
+def _trace(model, method, train) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Planner-component view of a trace: tracker categories placed on the component they measure."""
+    from lorabench.runtime.trace import trace
+
+    result = trace(model, method, train)
+    comps = result.components if hasattr(result, "components") else result["components"]
+    return {"weights": comps.get("weights_frozen", 0), "quantized_weights": comps.get("quantized", 0),
+            "trainable": comps.get("weights_trainable", 0), "gradients": comps.get("gradients", 0),
+            "optimizer": comps.get("optimizer", 0), "activations": comps.get("activations", 0)}

@@ -1,0 +1,200 @@
+"""Activation and logits memory: the symbolic forward of a decoder layer and of the LM head + loss.
+
+The layer programs mirror transformers' modeling code (LlamaDecoderLayer and its Mistral/Qwen2/Gemma-2/
+Phi-3/Mixtral relatives, GPT2Block) op by op; :mod:`lorabench.memory.autograd` says which tensors each op
+saves. Methods plug in through their ``memory.py`` (``linear`` for the projections, ``after_sublayer``
+for bottleneck adapters, ``prefix_tokens`` for prefix tuning). Verified against the fake-tensor trace
+(``lorabench trace``), which observes the real autograd graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class LayerCtx:
+    """What a layer program needs to know besides the model shape."""
+
+    model: ModelSpec
+    train: TrainSpec
+    method: Any  # the method config
+    hooks: Any  # the method's memory module
+    tokens: int
+    param_dtype: str
+    train_base: bool
+
+    @property
+    def batch(self) -> int:
+        return self.train.micro_batch_size
+
+    @property
+    def seq(self) -> int:
+        return self.train.seq_len
+
+
+def _matrix(model: ModelSpec, leaf_name: str) -> MatrixSpec:
+    for m in model.matrices:
+        if m.name == leaf_name:
+            return m
+    raise KeyError(leaf_name)
+
+
+def _proj(g: Graph, x: Sym, ctx: LayerCtx, name: str) -> Sym:
+    return ctx.hooks.linear(g, x, _matrix(ctx.model, name), ctx)
+
+
+def _norm(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
+    h = ctx.model.hidden_size
+    if ctx.model.norm_kind == "layernorm":
+        return g.layer_norm(x, ctx.tokens, h, ctx.train_base)
+    return g.rms_norm(x, ctx.tokens, h, ctx.param_dtype, ctx.train_base)
+
+
+def _rope(g: Graph, x: Sym) -> Sym:
+    """q*cos + rotate_half(q)*sin: cos/sin do not need grad, so only they (shared, tiny) are saved."""
+    return g.new(x.numel, x.dtype, x.requires_grad)
+
+
+def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
+    m, t = ctx.model, ctx.tokens
+    d, nh, nkv = m.head_dim, m.num_heads, m.num_kv_heads
+    v_tokens = ctx.hooks.prefix_tokens(ctx.method)
+    if m.model_type == "gpt2":
+        # c_attn output split into q, k, v views of one storage; no rotary embedding.
+        qkv = _proj(g, x, ctx, "attn.c_attn")
+        q = k = v = qkv
+        v_numel = t * nkv * d
+        q = g.new(t * nh * d, qkv.dtype, qkv.requires_grad)
+        g.save(qkv) if qkv.requires_grad else None
+        k = g.new(0, qkv.dtype, qkv.requires_grad)
+        v = g.new(0, qkv.dtype, qkv.requires_grad)
+    elif m.model_type == "phi3":
+        qkv = _proj(g, x, ctx, "self_attn.qkv_proj")
+        # q, k, v are slices of one tensor; RoPE makes new q and k; v stays a view of qkv.
+        q = _rope(g, g.new(t * nh * d, qkv.dtype, qkv.requires_grad))
+        k = _rope(g, g.new(t * nkv * d, qkv.dtype, qkv.requires_grad))
+        v = qkv
+        v_numel = t * nkv * d
+    else:
+        q = _rope(g, _proj(g, x, ctx, "self_attn.q_proj"))
+        k = _rope(g, _proj(g, x, ctx, "self_attn.k_proj"))
+        v = _proj(g, x, ctx, "self_attn.v_proj")
+        v_numel = v.numel
+    eager = ctx.train.attention == "eager"
+    kv_len = ctx.seq + v_tokens
+    if v_tokens:
+        # DynamicCache.update concatenates the prefix in front: new K/V tensors of V+T positions.
+        pk = g.new(ctx.batch * nkv * d * v_tokens, k.dtype, True)
+        k = g.new(k.numel + pk.numel, k.dtype, True)
+        v = g.new(v_numel + pk.numel, v.dtype, True)
+    repeat = nh // nkv if (eager or v_tokens) else 1
+    out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat)
+    return _proj(g, out, ctx, "attn.c_proj" if m.model_type == "gpt2" else "self_attn.o_proj")
+
+
+def _gelu(g: Graph, x: Sym, model: ModelSpec) -> Sym:
+    act = str(model.hf_config.get("activation_function", model.hf_config.get("hidden_activation", "")))
+    if act == "gelu_new":
+        # 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves x, tanh its result, the last mul both factors.
+        g.unary_save_input(x)
+        th = g.unary_save_output(g.new(x.numel, x.dtype, x.requires_grad))
+        half = g.scale(x)
+        one_plus = g.new(th.numel, th.dtype, th.requires_grad)
+        return g.mul(half, one_plus)
+    return g.unary_save_input(x)  # F.gelu(approximate='tanh') / silu save their input
+
+
+def _mlp_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
+    m = ctx.model
+    if m.model_type == "gpt2":
+        return _proj(g, _gelu(g, _proj(g, x, ctx, "mlp.c_fc"), m), ctx, "mlp.c_proj")
+    if m.model_type == "phi3":
+        gu = _proj(g, x, ctx, "mlp.gate_up_proj")
+        gate = g.new(gu.numel // 2, gu.dtype, gu.requires_grad)  # chunk -> views; silu saves the gate view
+        g.save(gu) if gu.requires_grad else None
+        act = g.new(gate.numel, gate.dtype, gate.requires_grad)
+        h = g.mul(act, g.new(gate.numel, gate.dtype, gu.requires_grad))
+        return _proj(g, h, ctx, "mlp.down_proj")
+    if m.is_moe:
+        return _moe_block(g, x, ctx)
+    gate = _proj(g, x, ctx, "mlp.gate_proj")
+    act = _gelu(g, gate, m) if m.model_type == "gemma2" else g.unary_save_input(gate)
+    up = _proj(g, x, ctx, "mlp.up_proj")
+    return _proj(g, g.mul(act, up), ctx, "mlp.down_proj")
+
+
+def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
+    """Mixtral: router logits + top-k; each token's hidden state visits k experts (gate_up, silu, down).
+
+    Approximation (documented): expert activations scale with tokens * experts_per_token.
+    """
+    m, t = ctx.model, ctx.tokens
+    k, inter, h = m.experts_per_token, m.intermediate_size, m.hidden_size
+    train = ctx.train_base
+    routed = g.new(t * k * h, x.dtype, x.requires_grad)
+    if x.requires_grad or train:
+        g.save(routed)
+        for numel in (t * k * 2 * inter, t * k * inter, t * k * inter):
+            g.save(g.new(numel, x.dtype, True))
+        g.save(g.new(t * m.num_experts, "fp32", True))
+    return g.new(t * h, x.dtype, x.requires_grad or train)
+
+
+def layer_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> tuple[int, bool]:
+    """Bytes one decoder layer saves for backward, and whether its output requires grad."""
+    g = Graph(autocast=ctx.train.compute_dtype if ctx.train.precision.endswith("-mixed") else None)
+    x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
+    attn = _attention_block(g, _norm(g, x, ctx), ctx)
+    attn = ctx.hooks.after_sublayer(g, attn, ctx, "attention")
+    if ctx.model.model_type == "gemma2":
+        attn = _norm(g, attn, ctx)  # post_attention_layernorm
+    h = g.add(x, attn)
+    mlp = _mlp_block(g, _norm(g, h, ctx), ctx)
+    mlp = ctx.hooks.after_sublayer(g, mlp, ctx, "mlp")
+    if ctx.model.model_type == "gemma2":
+        mlp = _norm(g, mlp, ctx)  # post_feedforward_layernorm
+    out = g.add(h, mlp)
+    return g.saved_bytes, out.requires_grad
+
+
+def _residual_dtype(ctx: LayerCtx) -> str:
+    """The residual stream's dtype: the parameter dtype (fp32 under autocast: fp32 embeddings + 16-bit adds)."""
+    return ctx.param_dtype
+
+
+def checkpoint_saved_bytes(ctx: LayerCtx) -> int:
+    """Non-reentrant gradient checkpointing keeps each layer's input hidden state (Chen et al. 2016)."""
+    return int(ctx.tokens * ctx.model.hidden_size * DTYPE_BYTES[_residual_dtype(ctx)])
+
+
+def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
+    """Final norm + lm_head: the norm's saved tensors, and the lm_head input when the head trains."""
+    g = Graph(autocast=ctx.train.compute_dtype if ctx.train.precision.endswith("-mixed") else None)
+    x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
+    h = _norm(g, x, ctx)
+    m = ctx.model
+    g.linear(h, m.vocab_size, m.hidden_size, ctx.param_dtype, ctx.train_base)
+    return g.saved_bytes
+
+
+def logits_bytes(ctx: LayerCtx) -> tuple[int, int]:
+    """(forward-saved, backward-peak) bytes of the logits and cross-entropy, per transformers' ForCausalLMLoss.
+
+    logits = lm_head(h) in the compute dtype (b*s*V); loss upcasts ``logits.float()`` and runs
+    log_softmax (saves its fp32 result) + nll_loss. The training step drops the model output, so the
+    16-bit logits die after the forward. Backward of log_softmax holds its saved output, the incoming
+    gradient and the new gradient: 3 x 4 bytes x b*s*V; the forward's own peak is 16-bit logits + fp32 copy
+    + log_softmax output. Gemma-2 soft-capping (tanh) saves one more fp32 copy.
+    """
+    tv = ctx.tokens * ctx.model.vocab_size
+    e = DTYPE_BYTES[ctx.train.compute_dtype]
+    saved = 4 * tv
+    if ctx.model.hf_config.get("final_logit_softcapping"):
+        saved += 4 * tv if e == 4 else 2 * tv
+    backward_peak = saved + 2 * 4 * tv
+    return int(saved), int(backward_peak)

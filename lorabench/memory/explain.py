@@ -1,0 +1,52 @@
+"""``--explain``: each component's formula with the numbers filled in and its source (torch-free)."""
+
+from __future__ import annotations
+
+from lorabench.memory.planner import Prediction, calibration
+from lorabench.methods import MethodConfig, memory_module
+from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
+from lorabench.units import gib
+
+
+def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Prediction) -> list[dict[str, str]]:
+    """Rows of (component, formula with numbers, GiB, source)."""
+    hooks = memory_module(method.name)
+    n = pred.trainable_params
+    t_dtype = hooks.trainable_dtype(method, train)
+    tb = DTYPE_BYTES[t_dtype]
+    pb = DTYPE_BYTES[train.param_dtype]
+    c = pred.components
+    b, s, v, L = train.micro_batch_size, train.seq_len, model.vocab_size, model.num_layers
+    shard = f" / {train.num_gpus} GPUs ({train.sharding})" if train.sharding != "none" else ""
+    state_b = train.optimizer.state_bytes_per_element or tb
+    rows = [
+        ("weights", f"frozen params {model.total_params - _quantized(model, method):,} x {pb:g} B ({train.param_dtype})"
+         if method.name != "full" else "0 (every weight is trainable)", "parameter count from the HF config"),
+        ("quantized_weights", "per matrix: ceil(n/2) codes + ceil(n/64) absmax codes + 4 ceil(n/64/256) + 4 B"
+         if method.name == "qlora" else "0 (no 4-bit weights)", "QLoRA (Dettmers et al. 2023) Sec. 3; bitsandbytes"),
+        ("trainable", f"{n:,} trainable x {tb:g} B ({t_dtype}){shard}", "method's trainable-parameter formula"),
+        ("gradients", f"{n:,} x {tb:g} B at the {pred.phase} peak" if c['gradients'] else
+         "0: no gradient exists yet at the peak (start of backward)", "grads have the param dtype"),
+        ("optimizer", f"{train.optimizer.states_per_param} states x {n:,} x {state_b:g} B ({train.optimizer.name}){shard}",
+         "AdamW keeps m and v (Loshchilov & Hutter 2019); 8-bit: Dettmers et al. 2022"),
+        ("master_weights", f"4 B x {n:,}" if c["master_weights"] else "0 (no separate fp32 master copy)",
+         "mixed precision (Micikevicius et al. 2018)"),
+        ("activations", f"saved tensors of {L} layers for b={b}, s={s}" +
+         (" (checkpointing: layer inputs + one recomputed layer)" if train.gradient_checkpointing else ""),
+         "symbolic autograd walk of the layer (lorabench.memory.activations), derivatives.yaml save rules"),
+        ("logits", f"log_softmax fp32 b*s*V = {b}x{s}x{v} x 4 B, + 2 gradient buffers in backward",
+         "transformers ForCausalLMLoss (logits.float())"),
+        ("cuda_context", f"{calibration()['cuda_context_bytes']:,} B", str(calibration()["source"])),
+        ("allocator_slack", f"max({calibration()['allocator_slack_fraction']} x allocated, "
+         f"{calibration()['allocator_slack_min_bytes']:,} B)", str(calibration()["source"])),
+    ]
+    return [{"component": name, "formula": formula, "GiB": gib(c[name], 3), "source": src}
+            for name, formula, src in rows]
+
+
+def _quantized(model: ModelSpec, method: MethodConfig) -> int:
+    if method.name != "qlora":
+        return 0
+    from lorabench.methods.qlora.memory import quantized_params
+
+    return quantized_params(model)

@@ -1,0 +1,38 @@
+"""Default estimator hooks shared by the method folders (torch-free).
+
+A method's ``memory.py`` exposes: ``trainable_params(model, cfg)``, ``trainable_dtype(cfg, train)``,
+``trains_base`` (bool), ``storage(model, cfg, train) -> (weights_bytes, quantized_bytes)``,
+``linear(g, x, matrix, ctx)`` (symbolic forward of one projection), ``after_sublayer(g, x, ctx)`` and
+``prefix_tokens(cfg)``. This module holds the behaviour of a frozen base model that most methods share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
+
+
+def frozen_storage(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
+    """All base weights frozen in the parameter dtype: (P * bytes(param dtype), 0 quantized)."""
+    return int(model.total_params * DTYPE_BYTES[train.param_dtype]), 0
+
+
+def base_linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+    """The unmodified projection (x cast to the weight dtype first, as a 16-bit model's inputs already are)."""
+    x = g.to(x, ctx.param_dtype) if g.autocast is None else x
+    return g.linear(x, m.out_features, m.in_features, ctx.param_dtype, ctx.train_base, m.bias and ctx.train_base)
+
+
+def identity(g: Graph, x: Sym, ctx: Any, where: str) -> Sym:
+    """No module after the sublayer (``where`` is "attention" or "mlp")."""
+    return x
+
+
+def no_prefix(cfg: Any) -> int:
+    return 0
+
+
+def is_target(m: MatrixSpec, chosen: tuple[MatrixSpec, ...]) -> bool:
+    return any(m.name == c.name for c in chosen)

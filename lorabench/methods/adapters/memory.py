@@ -1,0 +1,50 @@
+"""Houlsby bottleneck-adapter estimator terms (Houlsby et al. 2019, arXiv:1902.00751, Sec. 2.1).
+
+m = hidden // reduction_factor; each adapter has 2*h*m + m + h parameters (down and up projections with
+biases); double_seq_bn places two per layer. Forward: x + up(swish(down(x.to(adapter dtype)))).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import base_linear as linear
+from lorabench.memory.method_terms import frozen_storage
+from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.adapters.config import AdaptersConfig
+from lorabench.specs import ModelSpec, TrainSpec
+
+__all__ = ["linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
+           "bottleneck"]
+
+trains_base = False
+
+
+def bottleneck(model: ModelSpec, cfg: AdaptersConfig) -> int:
+    return model.hidden_size // cfg.reduction_factor
+
+
+def trainable_params(model: ModelSpec, cfg: AdaptersConfig) -> int:
+    h, m = model.hidden_size, bottleneck(model, cfg)
+    return model.num_layers * cfg.adapters_per_layer * (2 * h * m + m + h)
+
+
+def trainable_dtype(cfg: AdaptersConfig, train: TrainSpec) -> str:
+    return cfg.adapter_dtype
+
+
+def storage(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec) -> tuple[int, int]:
+    return frozen_storage(model, train)
+
+
+def after_sublayer(g: Graph, x: Sym, ctx: Any, where: str) -> Sym:
+    """Placed after the attention output (double_seq_bn only) and after the MLP output."""
+    cfg: AdaptersConfig = ctx.method
+    if where == "attention" and cfg.placement != "double_seq_bn":
+        return x
+    h, m = ctx.model.hidden_size, bottleneck(ctx.model, cfg)
+    xa = g.to(x, cfg.adapter_dtype)
+    down = g.linear(xa, m, h, cfg.adapter_dtype, True, True)
+    up = g.linear(g.unary_save_input(down), h, m, cfg.adapter_dtype, True, True)
+    return g.to(g.add(xa, up), x.dtype)

@@ -1,0 +1,27 @@
+"""Full fine-tuning estimator terms: every weight is trainable in the parameter dtype."""
+
+from __future__ import annotations
+
+from lorabench.memory.method_terms import base_linear as linear
+from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.full.config import FullConfig
+from lorabench.specs import ModelSpec, TrainSpec
+
+__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage"]
+
+trains_base = True
+
+
+def trainable_params(model: ModelSpec, cfg: FullConfig) -> int:
+    """P, every parameter (tied embeddings once)."""
+    return model.total_params
+
+
+def trainable_dtype(cfg: FullConfig, train: TrainSpec) -> str:
+    return train.param_dtype
+
+
+def storage(model: ModelSpec, cfg: FullConfig, train: TrainSpec) -> tuple[int, int]:
+    """No frozen weights: they are all counted as trainable."""
+    return 0, 0

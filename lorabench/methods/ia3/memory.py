@@ -1,0 +1,61 @@
+"""IA3 estimator terms (Liu et al. 2022, arXiv:2205.05638, Sec. 3.3; PEFT's IA3 Linear).
+
+Trainable = L * (sum of out_features over non-feed-forward targets + in_features over feed-forward ones).
+Feed-forward targets scale their input (x * l, saving x in the vector's dtype); others scale their output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import base_linear, frozen_storage, is_target
+from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.ia3.config import IA3Config
+from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, name_matches, select
+from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
+
+__all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
+           "targets", "is_feedforward"]
+
+trains_base = False
+
+
+def targets(model: ModelSpec, cfg: IA3Config) -> tuple[MatrixSpec, ...]:
+    return select(model, cfg.target_modules, IA3_DEFAULT_TARGETS, cfg.name)
+
+
+def is_feedforward(model: ModelSpec, cfg: IA3Config, m: MatrixSpec) -> bool:
+    ff = cfg.feedforward_modules
+    if ff is None:
+        ff = IA3_DEFAULT_FEEDFORWARD.get(model.model_type, ())
+    if ff == "all-linear":
+        return True
+    return any(name_matches(m.name, t) for t in ff)
+
+
+def trainable_params(model: ModelSpec, cfg: IA3Config) -> int:
+    per_layer = sum(m.in_features if is_feedforward(model, cfg, m) else m.out_features for m in targets(model, cfg))
+    return model.num_layers * per_layer
+
+
+def trainable_dtype(cfg: IA3Config, train: TrainSpec) -> str:
+    return cfg.adapter_dtype
+
+
+def storage(model: ModelSpec, cfg: IA3Config, train: TrainSpec) -> tuple[int, int]:
+    return frozen_storage(model, train)
+
+
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+    cfg: IA3Config = ctx.method
+    if not is_target(m, targets(ctx.model, cfg)):
+        return base_linear(g, x, m, ctx)
+    if is_feedforward(ctx.model, cfg, m):
+        vec = g.new(m.in_features, cfg.adapter_dtype, True)
+        scaled = g.to(g.mul(g.to(x, cfg.adapter_dtype), vec), x.dtype)
+        return base_linear(g, scaled, m, ctx)
+    out = base_linear(g, x, m, ctx)
+    vec = g.new(m.out_features, cfg.adapter_dtype, True)
+    return g.to(g.mul(g.to(out, cfg.adapter_dtype), vec), out.dtype)

@@ -1,0 +1,59 @@
+"""LoRA estimator terms (Hu et al. 2021, arXiv:2106.09685).
+
+Trainable = L * sum over targeted linears of r * (in + out). The forward mirrors PEFT's LoRA Linear:
+the frozen base saves nothing of its input; the adapter path casts the (dropped-out) input to the adapter
+dtype (an fp32 copy, saved by lora_A) and lora_B saves A's r-wide output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import base_linear, frozen_storage, is_target
+from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.lora.config import LoraConfig
+from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
+from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
+
+__all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
+           "targets", "adapter_path"]
+
+trains_base = False
+
+
+def targets(model: ModelSpec, cfg: LoraConfig) -> tuple[MatrixSpec, ...]:
+    return select(model, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+
+
+def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
+    """L * sum r * (in + out) over targeted linears (A: r x in, B: out x r)."""
+    return model.num_layers * sum(cfg.r * (m.in_features + m.out_features) for m in targets(model, cfg))
+
+
+def trainable_dtype(cfg: LoraConfig, train: TrainSpec) -> str:
+    return cfg.adapter_dtype
+
+
+def storage(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[int, int]:
+    return frozen_storage(model, train)
+
+
+def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig) -> Sym:
+    """result + lora_B(lora_A(dropout(x).to(adapter dtype))) * scaling, cast back to the result dtype."""
+    xa = g.to(g.dropout(x, cfg.lora_dropout), cfg.adapter_dtype)
+    if g.autocast is None:
+        a = g.linear(xa, cfg.r, m.in_features, cfg.adapter_dtype, True)
+        b = g.linear(a, m.out_features, cfg.r, cfg.adapter_dtype, True)
+    else:
+        a = g.linear(xa, cfg.r, m.in_features, cfg.adapter_dtype, True)
+        b = g.linear(a, m.out_features, cfg.r, cfg.adapter_dtype, True)
+    return g.to(g.add(base_out, g.scale(b)), base_out.dtype)
+
+
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+    out = base_linear(g, x, m, ctx)
+    if is_target(m, targets(ctx.model, ctx.method)):
+        out = adapter_path(g, x, out, m, ctx.method)
+    return out

@@ -1,0 +1,47 @@
+"""Prefix-tuning estimator terms (Li & Liang 2021, arXiv:2101.00190; PEFT's PrefixEncoder).
+
+D = head_dim * num_key_value_heads (PEFT's token_dim for GQA models), L layers, V virtual tokens.
+Without projection: V * 2 * L * D parameters. With projection: Embedding(V, D) + Linear(D, H) +
+Linear(H, 2 L D) = V*D + (D*H + H) + (H*2LD + 2LD), H = encoder_hidden_size (default D).
+Attention runs over V + T keys.
+"""
+
+from __future__ import annotations
+
+from lorabench.memory.method_terms import base_linear as linear
+from lorabench.memory.method_terms import frozen_storage
+from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.methods.prefix.config import PrefixConfig
+from lorabench.specs import ModelSpec, TrainSpec
+
+__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
+           "token_dim"]
+
+trains_base = False
+
+
+def token_dim(model: ModelSpec) -> int:
+    """PEFT's token_dim: head_dim * num_key_value_heads when the config has num_key_value_heads, else hidden."""
+    if "num_key_value_heads" in model.hf_config:
+        return model.head_dim * model.num_kv_heads
+    return model.hidden_size
+
+
+def trainable_params(model: ModelSpec, cfg: PrefixConfig) -> int:
+    v, d, n = cfg.num_virtual_tokens, token_dim(model), model.num_layers
+    if not cfg.prefix_projection:
+        return v * 2 * n * d
+    h = cfg.encoder_hidden_size or d
+    return v * d + (d * h + h) + (h * 2 * n * d + 2 * n * d)
+
+
+def trainable_dtype(cfg: PrefixConfig, train: TrainSpec) -> str:
+    return cfg.adapter_dtype
+
+
+def storage(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> tuple[int, int]:
+    return frozen_storage(model, train)
+
+
+def prefix_tokens(cfg: PrefixConfig) -> int:
+    return cfg.num_virtual_tokens

@@ -1,0 +1,49 @@
+"""QLoRA estimator terms (Dettmers et al. 2023, arXiv:2305.14314).
+
+Quantizable layer matrices are stored in NF4 (exact bytes from :mod:`lorabench.quant.sizes`, with or
+without double quantization); embeddings, norms, biases and lm_head stay in the parameter dtype. The
+4-bit linear re-dequantizes its weight in backward and saves no activation; LoRA on top as in LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.memory.method_terms import is_target
+from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.lora.memory import adapter_path, targets, trainable_dtype, trainable_params
+from lorabench.methods.qlora.config import QLoraConfig
+from lorabench.quant.sizes import nf4_storage_bytes
+from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
+
+__all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
+           "quantized_params"]
+
+trains_base = False
+
+
+def quantized_params(model: ModelSpec) -> int:
+    """Elements stored in NF4: every quantizable layer matrix (weights only) in every layer."""
+    return model.num_layers * sum(m.weight_params for m in model.quantized_matrices())
+
+
+def storage(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[int, int]:
+    """(16-bit remainder, NF4 bytes): each matrix is quantized on its own, so sizes add per matrix."""
+    quant = model.num_layers * sum(
+        m.copies * nf4_storage_bytes(m.in_features * m.out_features, cfg.blocksize, cfg.double_quant)
+        for m in model.quantized_matrices())
+    rest = (model.total_params - quantized_params(model)) * DTYPE_BYTES[train.param_dtype]
+    return int(rest), int(quant)
+
+
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+    cfg: QLoraConfig = ctx.method
+    if m.quantizable:
+        out = g.frozen_linear_no_save(x, m.out_features, m.in_features, x.dtype if g.autocast is None else g.autocast)
+    else:
+        out = g.linear(x, m.out_features, m.in_features, ctx.param_dtype, False)
+    if is_target(m, targets(ctx.model, cfg)):
+        out = adapter_path(g, x, out, m, cfg)
+    return out
