@@ -44,6 +44,8 @@ class Prediction:
     host_bytes: int = 0
     spillable_bytes: int = 0
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    state_bytes: dict[str, int] = field(default_factory=dict)
+    """Per-GPU bytes of the persistent terms (after sharding), whatever the peak phase."""
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -164,7 +166,7 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     spill = comps["optimizer"] if train.optimizer.paged else 0
     return Prediction(components=comps, phase="backward" if phase == "backward_end" else phase,
                       trainable_params=n_train, total_params=model.total_params,
-                      host_bytes=spill, spillable_bytes=spill, phase_peaks=totals)
+                      host_bytes=spill, spillable_bytes=spill, phase_peaks=totals, state_bytes=base)
 
 
 def _logits_part(model: ModelSpec, train: TrainSpec) -> int:
