@@ -66,13 +66,10 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     v_tokens = ctx.hooks.prefix_tokens(ctx.method)
     if m.model_type == "gpt2":
         # c_attn output split into q, k, v views of one storage; no rotary embedding.
+        # Saving the three views keeps the one qkv storage alive: pass the same tensor thrice.
         qkv = _proj(g, x, ctx, "attn.c_attn")
         q = k = v = qkv
         v_numel = t * nkv * d
-        q = g.new(t * nh * d, qkv.dtype, qkv.requires_grad)
-        g.save(qkv) if qkv.requires_grad else None
-        k = g.new(0, qkv.dtype, qkv.requires_grad)
-        v = g.new(0, qkv.dtype, qkv.requires_grad)
     elif m.model_type == "phi3":
         qkv = _proj(g, x, ctx, "self_attn.qkv_proj")
         # q, k, v are slices of one tensor; RoPE makes new q and k; v stays a view of qkv.
@@ -93,7 +90,7 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
         k = g.new(k.numel + pk.numel, k.dtype, True)
         v = g.new(v_numel + pk.numel, v.dtype, True)
     repeat = nh // nkv if (eager or v_tokens) else 1
-    out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat)
+    out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat, out_numel=t * nh * d)
     return _proj(g, out, ctx, "attn.c_proj" if m.model_type == "gpt2" else "self_attn.o_proj")
 
 

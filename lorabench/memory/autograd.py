@@ -27,6 +27,7 @@ class Sym:
     numel: int
     dtype: str
     requires_grad: bool
+    is_param: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
 
     @property
@@ -52,9 +53,14 @@ class Graph:
     def new(self, numel: int, dtype: str, requires_grad: bool) -> Sym:
         return Sym(int(numel), dtype, requires_grad)
 
+    def param(self, numel: int, dtype: str, requires_grad: bool) -> Sym:
+        """A parameter: saving it for backward costs no new memory."""
+        return Sym(int(numel), dtype, requires_grad, is_param=True)
+
     def save(self, *tensors: Sym) -> None:
         for t in tensors:
-            self.saved[t.uid] = t.nbytes
+            if not t.is_param:
+                self.saved[t.uid] = t.nbytes
 
     @property
     def saved_bytes(self) -> int:
@@ -141,11 +147,7 @@ class Graph:
         r = self.unary_save_output(var)  # rsqrt saves its result
         h = self.mul(xf, r, numel=tokens * hidden)
         hd = self.to(h, x.dtype)
-        w = self.new(hidden, weight_dtype, weight_grad)
-        out = self.mul(w, hd, numel=tokens * hidden)
-        # mul saved the parameter itself when hd needs grad: no new bytes for a parameter.
-        self.saved.pop(w.uid, None)
-        return out
+        return self.mul(self.param(hidden, weight_dtype, weight_grad), hd, numel=tokens * hidden)
 
     def layer_norm(self, x: Sym, tokens: int, hidden: int, weight_grad: bool) -> Sym:
         """native_layer_norm: saves input, mean and rstd (T fp32 each) when anything needs grad."""
@@ -154,7 +156,7 @@ class Graph:
         return self.new(x.numel, x.dtype, x.requires_grad or weight_grad)
 
     def attention(self, q: Sym, k: Sym, v: Sym, batch: int, heads: int, q_len: int, kv_len: int,
-                  eager: bool, repeat_kv_factor: int = 1) -> Sym:
+                  eager: bool, repeat_kv_factor: int = 1, out_numel: int = 0) -> Sym:
         """Scaled dot-product attention.
 
         sdpa (flash / memory-efficient, and PyTorch's CPU flash kernel) saves q, k, v, out and an fp32
@@ -167,7 +169,7 @@ class Graph:
         if repeat_kv_factor > 1:
             k = self.new(k.numel * repeat_kv_factor, k.dtype, k.requires_grad)
             v = self.new(v.numel * repeat_kv_factor, v.dtype, v.requires_grad)
-        out = self.new(q.numel, q.dtype, any_grad)
+        out = self.new(out_numel or q.numel, q.dtype, any_grad)
         if not any_grad:
             return out
         if eager:

@@ -53,9 +53,11 @@ def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
     if not is_target(m, targets(ctx.model, cfg)):
         return base_linear(g, x, m, ctx)
     if is_feedforward(ctx.model, cfg, m):
-        vec = g.new(m.in_features, cfg.adapter_dtype, True)
+        # (x.to(l.dtype) * l).to(x.dtype): the mul saves the cast input.
+        vec = g.param(m.in_features, cfg.adapter_dtype, True)
         scaled = g.to(g.mul(g.to(x, cfg.adapter_dtype), vec), x.dtype)
         return base_linear(g, scaled, m, ctx)
+    # (result * l).to(result.dtype): type promotion inside mul; autograd saves the 16-bit result itself.
     out = base_linear(g, x, m, ctx)
-    vec = g.new(m.out_features, cfg.adapter_dtype, True)
-    return g.to(g.mul(g.to(out, cfg.adapter_dtype), vec), out.dtype)
+    vec = g.param(m.out_features, cfg.adapter_dtype, True)
+    return g.to(g.mul(out, vec), out.dtype)

@@ -1,0 +1,42 @@
+"""The planner against the fake-tensor trace: peak within 3%, each major component within 5%.
+
+A CI-sized subset of scripts/trace_grid.py (the full grid's table is committed under reports/trace-grid).
+Where this fails, fix the planner's formulas, not the tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lorabench.catalog import load_model
+from lorabench.memory.categories import TRACE_CATEGORIES, to_trace_categories
+from lorabench.memory.planner import predict
+from lorabench.methods import METHOD_NAMES, make_config
+from lorabench.specs import TrainSpec
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+MiB = 1024**2
+# Both checkpointing settings on Qwen2.5-0.5B (GQA, qkv bias, tied, 152k vocab); GPT-2 (Conv1D, LayerNorm,
+# gelu_new, learned positions) without checkpointing: 18 traces, about two minutes on 2 cores.
+CASES = [("qwen2.5-0.5b", method, ckpt) for method in METHOD_NAMES for ckpt in (False, True)]
+CASES += [("gpt2", method, False) for method in METHOD_NAMES]
+
+
+@pytest.mark.parametrize("model, method, ckpt", CASES)
+def test_planner_within_3pct_of_trace(model: str, method: str, ckpt: bool) -> None:
+    from lorabench.runtime.trace import trace
+
+    spec = load_model(model)
+    cfg = make_config(method)
+    train = TrainSpec(micro_batch_size=2, seq_len=128, gradient_checkpointing=ckpt,
+                      precision="bf16-mixed" if method == "full" else "bf16")
+    pred = predict(spec, cfg, train)
+    traced = trace(spec, cfg, train)
+    err = (pred.peak_allocated_bytes - traced.peak_bytes) / traced.peak_bytes
+    assert abs(err) <= 0.03, f"peak {pred.peak_allocated_bytes / MiB:.1f} vs traced {traced.peak_bytes / MiB:.1f} MiB"
+    want = to_trace_categories(pred.components)
+    for cat in TRACE_CATEGORIES:
+        got, ref = want[cat], traced.components[cat]
+        assert abs(got - ref) <= max(0.05 * ref, 1 * MiB), f"{cat}: predicted {got / MiB:.2f} vs traced {ref / MiB:.2f} MiB"
