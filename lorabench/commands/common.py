@@ -58,7 +58,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="default: bf16-mixed for full (fp32 master params), bf16 for the others")
     g.add_argument("--checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
                    help="recompute each layer in backward")
-    g.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
+    g.add_argument("--attention", choices=("sdpa", "eager"), default=None,
+                   help="default sdpa (eager for Gemma-2, which transformers runs without sdpa)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
                    help="micro-batches per optimizer step (does not change peak memory)")
@@ -93,10 +94,16 @@ def method_knobs(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def train_from_args(args: argparse.Namespace, method: str) -> TrainSpec:
+def default_attention(model: ModelSpec | None) -> str:
+    """sdpa, except Gemma-2 (soft-capped logits: transformers only runs it with eager attention)."""
+    return "eager" if model is not None and model.model_type == "gemma2" else "sdpa"
+
+
+def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
     precision = args.precision or ("bf16-mixed" if method == "full" else "bf16")
     return TrainSpec(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, precision=precision,
-                     gradient_checkpointing=bool(args.gradient_checkpointing), attention=args.attention,
+                     gradient_checkpointing=bool(args.gradient_checkpointing),
+                     attention=args.attention or default_attention(model),
                      optimizer=OptimizerSpec(args.optimizer), grad_accum_steps=args.grad_accum_steps,
                      num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights))
 
@@ -109,7 +116,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, 
     """Resolve the model, the method config (with knobs) and the training spec; UserError on bad input."""
     model = load_model(args.model)
     method = make_config(args.method, method_knobs(args))
-    return model, method, train_from_args(args, args.method)
+    return model, method, train_from_args(args, args.method, model)
 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:

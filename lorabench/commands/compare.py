@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in METHOD_NAMES:
         method = make_config(name)
-        train = train_from_args(args, name)
+        train = train_from_args(args, name, model)
         pred = predict(model, method, train, gpu)
         row = {"method": name, "precision": train.precision,
                "trainable": f"{human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.2f}%)"}

@@ -57,7 +57,7 @@ def _norm(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
 
 def _rope(g: Graph, x: Sym) -> Sym:
     """q*cos + rotate_half(q)*sin: cos/sin do not need grad, so only they (shared, tiny) are saved."""
-    return g.new(x.numel, x.dtype, x.requires_grad)
+    return g.elementwise(x)
 
 
 def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
@@ -73,9 +73,9 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     elif m.model_type == "phi3":
         qkv = _proj(g, x, ctx, "self_attn.qkv_proj")
         # q, k, v are slices of one tensor; RoPE makes new q and k; v stays a view of qkv.
-        q = _rope(g, g.new(t * nh * d, qkv.dtype, qkv.requires_grad))
-        k = _rope(g, g.new(t * nkv * d, qkv.dtype, qkv.requires_grad))
-        v = qkv
+        q = _rope(g, g.elementwise(qkv, numel=t * nh * d))
+        k = _rope(g, g.elementwise(qkv, numel=t * nkv * d))
+        v = qkv  # a view: saving it keeps the whole qkv storage
         v_numel = t * nkv * d
     else:
         q = _rope(g, _proj(g, x, ctx, "self_attn.q_proj"))
@@ -86,11 +86,12 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     kv_len = ctx.seq + v_tokens
     if v_tokens:
         # DynamicCache.update concatenates the prefix in front: new K/V tensors of V+T positions.
-        pk = g.new(ctx.batch * nkv * d * v_tokens, k.dtype, True)
-        k = g.new(k.numel + pk.numel, k.dtype, True)
-        v = g.new(v_numel + pk.numel, v.dtype, True)
+        prefix_numel = ctx.batch * nkv * d * v_tokens
+        k = g.cat(k, g.new(prefix_numel, k.dtype, True))
+        v = g.cat(g.new(v_numel, v.dtype, v.requires_grad) if v is q else v, g.new(prefix_numel, v.dtype, True))
     repeat = nh // nkv if (eager or v_tokens) else 1
-    out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat, out_numel=t * nh * d)
+    out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat, out_numel=t * nh * d,
+                      masked=bool(v_tokens))
     return _proj(g, out, ctx, "attn.c_proj" if m.model_type == "gpt2" else "self_attn.o_proj")
 
 
@@ -98,11 +99,9 @@ def _gelu(g: Graph, x: Sym, model: ModelSpec) -> Sym:
     act = str(model.hf_config.get("activation_function", model.hf_config.get("hidden_activation", "")))
     if act == "gelu_new":
         # 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves x, tanh its result, the last mul both factors.
-        g.unary_save_input(x)
-        th = g.unary_save_output(g.new(x.numel, x.dtype, x.requires_grad))
-        half = g.scale(x)
-        one_plus = g.new(th.numel, th.dtype, th.requires_grad)
-        return g.mul(half, one_plus)
+        inner = g.add(x, g.scale(g.unary_save_input(x)))
+        th = g.unary_save_output(g.scale(inner))
+        return g.mul(g.scale(x), g.elementwise(th))
     return g.unary_save_input(x)  # F.gelu(approximate='tanh') / silu save their input
 
 
@@ -111,11 +110,12 @@ def _mlp_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     if m.model_type == "gpt2":
         return _proj(g, _gelu(g, _proj(g, x, ctx, "mlp.c_fc"), m), ctx, "mlp.c_proj")
     if m.model_type == "phi3":
+        # gate, up = chunk(2): views of one storage. silu(gate) and gate*up save views, i.e. the whole gu.
         gu = _proj(g, x, ctx, "mlp.gate_up_proj")
-        gate = g.new(gu.numel // 2, gu.dtype, gu.requires_grad)  # chunk -> views; silu saves the gate view
-        g.save(gu) if gu.requires_grad else None
-        act = g.new(gate.numel, gate.dtype, gate.requires_grad)
-        h = g.mul(act, g.new(gate.numel, gate.dtype, gu.requires_grad))
+        if gu.requires_grad:
+            g.save(gu)
+        act = g.elementwise(gu, numel=gu.numel // 2)
+        h = g.mul(act, gu, numel=act.numel)
         return _proj(g, h, ctx, "mlp.down_proj")
     if m.is_moe:
         return _moe_block(g, x, ctx)
@@ -133,17 +133,32 @@ def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     m, t = ctx.model, ctx.tokens
     k, inter, h = m.experts_per_token, m.intermediate_size, m.hidden_size
     train = ctx.train_base
-    routed = g.new(t * k * h, x.dtype, x.requires_grad)
     if x.requires_grad or train:
-        g.save(routed)
-        for numel in (t * k * 2 * inter, t * k * inter, t * k * inter):
+        g.save(g.new(t * k * h, x.dtype, True))  # routed copies of the hidden states
+        for numel in (t * k * 2 * inter, t * k * inter, t * k * inter):  # gate_up out, silu out, product
             g.save(g.new(numel, x.dtype, True))
-        g.save(g.new(t * m.num_experts, "fp32", True))
-    return g.new(t * h, x.dtype, x.requires_grad or train)
+        g.save(g.new(t * m.num_experts, "fp32", True))  # router softmax
+    out = g.new(t * h, x.dtype, x.requires_grad or train)
+    return g.record((x,), out)
 
 
-def layer_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> tuple[int, bool]:
-    """Bytes one decoder layer saves for backward, and whether its output requires grad."""
+@dataclass(frozen=True)
+class LayerMemory:
+    """One decoder layer: bytes saved for backward, the peak while its backward runs (saved tensors +
+    gradients, starting from the output's gradient), and whether its output requires grad."""
+
+    saved_bytes: int
+    backward_peak_bytes: int
+    output_requires_grad: bool
+    backward_peak_param_grad_bytes: int = 0
+    param_grad_bytes: int = 0
+    """All parameter gradients this layer's backward creates."""
+    forward_peak_bytes: int = 0
+    """Saved tensors + live temporaries at the fullest moment of the layer's forward (or its recompute)."""
+
+
+def layer_memory(ctx: LayerCtx, input_requires_grad: bool) -> LayerMemory:
+    """Symbolic forward (and backward replay) of one decoder layer."""
     g = Graph(autocast=ctx.train.compute_dtype if ctx.train.precision.endswith("-mixed") else None)
     x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
     attn = _attention_block(g, _norm(g, x, ctx), ctx)
@@ -151,12 +166,16 @@ def layer_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> tuple[int, bo
     if ctx.model.model_type == "gemma2":
         attn = _norm(g, attn, ctx)  # post_attention_layernorm
     h = g.add(x, attn)
+    g.hold(h)  # the residual stays alive through the MLP block
     mlp = _mlp_block(g, _norm(g, h, ctx), ctx)
     mlp = ctx.hooks.after_sublayer(g, mlp, ctx, "mlp")
     if ctx.model.model_type == "gemma2":
         mlp = _norm(g, mlp, ctx)  # post_feedforward_layernorm
     out = g.add(h, mlp)
-    return g.saved_bytes, out.requires_grad
+    g.drop(h)
+    peak, grads = g.backward_peak(out) if out.requires_grad else (g.saved_bytes, 0)
+    return LayerMemory(g.saved_bytes, peak - grads, out.requires_grad, grads,
+                       sum(op.param_grad_bytes for op in g.tape), g.forward_peak)
 
 
 def _residual_dtype(ctx: LayerCtx) -> str:
@@ -167,6 +186,21 @@ def _residual_dtype(ctx: LayerCtx) -> str:
 def checkpoint_saved_bytes(ctx: LayerCtx) -> int:
     """Non-reentrant gradient checkpointing keeps each layer's input hidden state (Chen et al. 2016)."""
     return int(ctx.tokens * ctx.model.hidden_size * DTYPE_BYTES[_residual_dtype(ctx)])
+
+
+def incoming_gradient_bytes(ctx: LayerCtx) -> int:
+    """Gradient buffers alive when the top checkpointed layer recomputes its forward.
+
+    Observed in the trace (runtime/trace.py ``peak_tensors``): after the final RMSNorm's backward in a
+    16-bit model, the engine still holds its fp32 gradient and three 16-bit partial gradients of the
+    hidden state (T*h*(4 + 3*2) bytes) while the checkpointed layer recomputes; with fp32 weights (or
+    LayerNorm) only the hidden-state gradient itself.
+    """
+    th = ctx.tokens * ctx.model.hidden_size
+    e = DTYPE_BYTES[_residual_dtype(ctx)]
+    if ctx.model.norm_kind == "rmsnorm" and e < 4:
+        return int(th * (4 + 3 * e))
+    return int(th * e)
 
 
 def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
@@ -181,6 +215,8 @@ def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
 
 def logits_bytes(ctx: LayerCtx) -> tuple[int, int]:
     """(forward-saved, backward-peak) bytes of the logits and cross-entropy, per transformers' ForCausalLMLoss.
+
+    Everything here is reported as the planner's ``logits`` component.
 
     logits = lm_head(h) in the compute dtype (b*s*V); loss upcasts ``logits.float()`` and runs
     log_softmax (saves its fp32 result) + nll_loss. The training step drops the model output, so the

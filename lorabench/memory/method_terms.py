@@ -36,3 +36,8 @@ def no_prefix(cfg: Any) -> int:
 
 def is_target(m: MatrixSpec, chosen: tuple[MatrixSpec, ...]) -> bool:
     return any(m.name == c.name for c in chosen)
+
+
+def adapter_dtype(cfg: Any, train: TrainSpec) -> str:
+    """The dtype adapter weights live in: ``cfg.adapter_dtype``, where ``base`` means the model's dtype."""
+    return train.param_dtype if cfg.adapter_dtype == "base" else cfg.adapter_dtype

@@ -20,9 +20,7 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
-from lorabench.catalog import CONF_DIR
+from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.errors import require
 from lorabench.memory import activations as act
 from lorabench.memory.categories import PLANNER_COMPONENTS
@@ -88,8 +86,7 @@ def calibration(gpu_name: str | None = None) -> dict[str, Any]:
     path = CONF_DIR / "calibration" / f"{gpu_name}.yaml"
     if gpu_name is None or not path.is_file():
         path = CONF_DIR / "calibration" / "default.yaml"
-    with path.open() as fh:
-        return dict(yaml.safe_load(fh))
+    return _load_yaml(path)
 
 
 def validate(model: ModelSpec, train: TrainSpec) -> None:
@@ -106,22 +103,40 @@ def validate(model: ModelSpec, train: TrainSpec) -> None:
                 f"pass --seq-len {limit} or less")
 
 
-def _activation_bytes(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: Any) -> tuple[int, int]:
-    """(saved by the forward, extra at the peak of backward) for one GPU's micro-batch."""
+def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpec,
+                         hooks: Any) -> list[tuple[int, int, int]]:
+    """(activations, logits, parameter gradients) bytes at the candidate peaks of backward.
+
+    1. the loss backward: everything the forward saved + log-softmax and its two gradient buffers;
+    2. the top decoder layer's backward: the layers below still hold their saved tensors (or, with
+       checkpointing, every layer keeps its input and the top layer is recomputed), plus the replayed
+       backward peak of that layer (:meth:`Graph.backward_peak`);
+    3. the bottom layer's backward: activations are nearly all freed, but every layer above has created
+       its parameter gradients (the peak moves here when gradients outweigh activations per layer);
+    4. with checkpointing, the top layer's recomputed forward: its temporaries at their fullest plus the
+       gradient already waiting at its output.
+    Between 2 and 3 live bytes change linearly layer by layer, so the extremes bound every layer.
+    """
     ctx = act.LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
                        param_dtype=train.param_dtype, train_base=hooks.trains_base)
-    first_rg = hooks.trains_base  # trainable embeddings make every hidden state require grad
-    first, rg = act.layer_saved_bytes(ctx, first_rg)
-    rest, rg_rest = act.layer_saved_bytes(ctx, rg) if model.num_layers > 1 else (0, rg)
-    head = act.head_saved_bytes(ctx, rg_rest)
+    first = act.layer_memory(ctx, hooks.trains_base)  # trainable embeddings make every hidden state need grad
+    rest = act.layer_memory(ctx, first.output_requires_grad) if model.num_layers > 1 else first
+    head = act.head_saved_bytes(ctx, rest.output_requires_grad)
     logits_saved, logits_bwd = act.logits_bytes(ctx)
+    n = model.num_layers
+    # When the top layer's backward runs, the head's parameter gradients already exist (full FT).
+    head_grads = (model.lm_head_params or model.vocab_size * model.hidden_size) + model.final_norm_params
+    head_grads = int(head_grads * DTYPE_BYTES[train.param_dtype]) if hooks.trains_base else 0
+    top_grads = head_grads + rest.backward_peak_param_grad_bytes
+    bottom_grads = head_grads + (n - 1) * rest.param_grad_bytes + first.backward_peak_param_grad_bytes
     if train.gradient_checkpointing:
-        saved = model.num_layers * act.checkpoint_saved_bytes(ctx) + head + logits_saved
-        # Backward recomputes one layer at a time: its saved tensors live on top of the checkpoints.
-        recompute = max(first, rest)
-        return saved, max(logits_bwd - logits_saved, recompute)
-    saved = first + (model.num_layers - 1) * rest + head + logits_saved
-    return saved, logits_bwd - logits_saved
+        ckpt = act.checkpoint_saved_bytes(ctx)
+        recompute = n * ckpt + rest.forward_peak_bytes + act.incoming_gradient_bytes(ctx)
+        top = max(n * ckpt + rest.backward_peak_bytes, recompute)
+        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads), (ckpt + first.backward_peak_bytes, 0, bottom_grads)]
+    below_top = first.saved_bytes + (n - 2) * rest.saved_bytes if n > 1 else 0
+    return [(first.saved_bytes + (n - 1) * rest.saved_bytes + head, logits_bwd, 0),
+            (below_top + rest.backward_peak_bytes, 0, top_grads), (first.backward_peak_bytes, 0, bottom_grads)]
 
 
 def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:
@@ -144,14 +159,19 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     master = 4 * n_train if train.master_weights and t_dtype != "fp32" else 0
     base = _shard({"weights": weights, "quantized_weights": quantized, "trainable": t_bytes, "gradients": t_bytes,
                    "optimizer": opt, "master_weights": master}, train)
-    saved, bwd_extra = _activation_bytes(model, method, train, hooks)
+    gathered = 0
     if train.sharding == "zero3" and train.num_gpus > 1:
         # FSDP gathers one layer's full weights (and prefetches the next) around each layer's compute.
-        saved += 2 * int(model.layer_params() * DTYPE_BYTES[t_dtype if hooks.trains_base else train.param_dtype])
+        gathered = 2 * int(model.layer_params() * DTYPE_BYTES[t_dtype if hooks.trains_base else train.param_dtype])
     static = {k: base[k] for k in ("weights", "quantized_weights", "trainable", "optimizer", "master_weights")}
     opt_temp = base["optimizer"] // max(train.optimizer.states_per_param, 1) if train.optimizer.states_per_param else 0
+    loss_peak, top_peak, bottom_peak = _backward_candidates(model, method, train, hooks)
     candidates = {
-        "backward": dict(static, gradients=0, activations=saved - _logits_part(model, train), logits=_logits_part(model, train) + bwd_extra),
+        "backward": dict(static, gradients=0, activations=loss_peak[0] + gathered, logits=loss_peak[1]),
+        "backward_top_layer": dict(static, gradients=min(top_peak[2], base["gradients"]),
+                                   activations=top_peak[0] + gathered, logits=0),
+        "backward_bottom_layer": dict(static, gradients=min(bottom_peak[2], base["gradients"]),
+                                      activations=bottom_peak[0] + gathered, logits=0),
         "backward_end": dict(static, gradients=base["gradients"], activations=0, logits=0),
         "optimizer": dict(static, gradients=base["gradients"], activations=opt_temp, logits=0),
     }
@@ -164,16 +184,9 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     comps["allocator_slack"] = int(max(cal["allocator_slack_fraction"] * allocated, cal["allocator_slack_min_bytes"]))
     comps["cuda_context"] = int(cal["cuda_context_bytes"])
     spill = comps["optimizer"] if train.optimizer.paged else 0
-    return Prediction(components=comps, phase="backward" if phase == "backward_end" else phase,
+    return Prediction(components=comps, phase="optimizer" if phase == "optimizer" else "backward",
                       trainable_params=n_train, total_params=model.total_params,
                       host_bytes=spill, spillable_bytes=spill, phase_peaks=totals, state_bytes=base)
-
-
-def _logits_part(model: ModelSpec, train: TrainSpec) -> int:
-    """The fp32 log-softmax output the forward keeps (reported as the 'logits' component)."""
-    ctx_tokens = train.tokens_per_step * model.vocab_size
-    extra = 1 if model.hf_config.get("final_logit_softcapping") else 0
-    return int(4 * ctx_tokens * (1 + extra) if DTYPE_BYTES[train.compute_dtype] == 4 else 4 * ctx_tokens + 2 * ctx_tokens * extra)
 
 
 def fits(prediction: Prediction, gpu: GpuSpec) -> Verdict:

@@ -47,6 +47,8 @@ def make_config(method: str, knobs: Mapping[str, Any] | None = None) -> MethodCo
             owners = [m for m in METHOD_NAMES if key in knob_names(m)]
             hint = f"it belongs to {', '.join(owners)}" if owners else "see `lorabench plan --help`"
             raise UserError(f"knob {key!r} does not apply to method {method!r}", hint)
+    if "adapter_dtype" in values and values["adapter_dtype"] not in ("fp32", "bf16", "fp16", "base"):
+        raise UserError(f"adapter_dtype {values['adapter_dtype']!r} is unknown", "use fp32 (default), bf16, fp16 or base")
     for key in ("target_modules", "feedforward_modules"):
         if key in values:
             values[key] = normalize_targets(values[key])

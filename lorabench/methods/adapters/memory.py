@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import adapter_dtype
 from lorabench.memory.method_terms import base_linear as linear
 from lorabench.memory.method_terms import frozen_storage
 from lorabench.memory.method_terms import no_prefix as prefix_tokens
@@ -31,7 +32,7 @@ def trainable_params(model: ModelSpec, cfg: AdaptersConfig) -> int:
 
 
 def trainable_dtype(cfg: AdaptersConfig, train: TrainSpec) -> str:
-    return cfg.adapter_dtype
+    return adapter_dtype(cfg, train)
 
 
 def storage(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def after_sublayer(g: Graph, x: Sym, ctx: Any, where: str) -> Sym:
     if where == "attention" and cfg.placement != "double_seq_bn":
         return x
     h, m = ctx.model.hidden_size, bottleneck(ctx.model, cfg)
-    xa = g.to(x, cfg.adapter_dtype)
-    down = g.linear(xa, m, h, cfg.adapter_dtype, True, True)
-    up = g.linear(g.unary_save_input(down), h, m, cfg.adapter_dtype, True, True)
+    xa = g.to(x, adapter_dtype(cfg, ctx.train))
+    down = g.linear(xa, m, h, adapter_dtype(cfg, ctx.train), True, True)
+    up = g.linear(g.unary_save_input(down), h, m, adapter_dtype(cfg, ctx.train), True, True)
     return g.to(g.add(xa, up), x.dtype)

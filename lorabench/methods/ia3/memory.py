@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import adapter_dtype
 from lorabench.memory.method_terms import base_linear, frozen_storage, is_target
 from lorabench.memory.method_terms import identity as after_sublayer
 from lorabench.memory.method_terms import no_prefix as prefix_tokens
@@ -41,7 +42,7 @@ def trainable_params(model: ModelSpec, cfg: IA3Config) -> int:
 
 
 def trainable_dtype(cfg: IA3Config, train: TrainSpec) -> str:
-    return cfg.adapter_dtype
+    return adapter_dtype(cfg, train)
 
 
 def storage(model: ModelSpec, cfg: IA3Config, train: TrainSpec) -> tuple[int, int]:
@@ -54,10 +55,10 @@ def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
         return base_linear(g, x, m, ctx)
     if is_feedforward(ctx.model, cfg, m):
         # (x.to(l.dtype) * l).to(x.dtype): the mul saves the cast input.
-        vec = g.param(m.in_features, cfg.adapter_dtype, True)
-        scaled = g.to(g.mul(g.to(x, cfg.adapter_dtype), vec), x.dtype)
+        vec = g.param(m.in_features, adapter_dtype(cfg, ctx.train), True)
+        scaled = g.to(g.mul(g.to(x, adapter_dtype(cfg, ctx.train)), vec), x.dtype)
         return base_linear(g, scaled, m, ctx)
     # (result * l).to(result.dtype): type promotion inside mul; autograd saves the 16-bit result itself.
     out = base_linear(g, x, m, ctx)
-    vec = g.param(m.out_features, cfg.adapter_dtype, True)
+    vec = g.param(m.out_features, adapter_dtype(cfg, ctx.train), True)
     return g.to(g.mul(out, vec), out.dtype)

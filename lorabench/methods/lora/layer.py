@@ -21,6 +21,7 @@ Files: ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safeten
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -43,7 +44,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 def module_device(module: nn.Module) -> torch.device:
     """Device of a module's first parameter or buffer (4-bit layers hold their weight in buffers)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return torch.device("cpu")
 
@@ -51,6 +52,14 @@ def module_device(module: nn.Module) -> torch.device:
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class UninitLinear(nn.Linear):
+    """An ``nn.Linear`` without torch's default init: its owner initialises it (and on meta nothing needs
+    initialising, which keeps counting/tracing a 405B model fast)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class LoraLinear(nn.Module):
@@ -72,11 +81,12 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features, self.r = in_features, out_features, int(r)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, self.r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(self.r, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = UninitLinear(in_features, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = UninitLinear(self.r, out_features, bias=False, device=device, dtype=dtype)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.merged = False
-        self.reset_lora_parameters()
+        if device.type != "meta":
+            self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         """PEFT's init_lora_weights=True: A ~ kaiming_uniform(a=sqrt(5)), B = 0."""

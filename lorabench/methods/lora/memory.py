@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
-from lorabench.memory.method_terms import base_linear, frozen_storage, is_target
+from lorabench.memory.method_terms import adapter_dtype, base_linear, frozen_storage, is_target
 from lorabench.memory.method_terms import identity as after_sublayer
 from lorabench.memory.method_terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.config import LoraConfig
@@ -33,27 +33,27 @@ def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
 
 
 def trainable_dtype(cfg: LoraConfig, train: TrainSpec) -> str:
-    return cfg.adapter_dtype
+    return adapter_dtype(cfg, train)
 
 
 def storage(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[int, int]:
     return frozen_storage(model, train)
 
 
-def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig) -> Sym:
-    """result + lora_B(lora_A(dropout(x).to(adapter dtype))) * scaling, cast back to the result dtype."""
-    xa = g.to(g.dropout(x, cfg.lora_dropout), cfg.adapter_dtype)
-    if g.autocast is None:
-        a = g.linear(xa, cfg.r, m.in_features, cfg.adapter_dtype, True)
-        b = g.linear(a, m.out_features, cfg.r, cfg.adapter_dtype, True)
-    else:
-        a = g.linear(xa, cfg.r, m.in_features, cfg.adapter_dtype, True)
-        b = g.linear(a, m.out_features, cfg.r, cfg.adapter_dtype, True)
-    return g.to(g.add(base_out, g.scale(b)), base_out.dtype)
+def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig, dtype: str) -> Sym:
+    """result + lora_B(lora_A(dropout(x.to(adapter dtype)))) * scaling, cast back to the result dtype
+    (PEFT's order: cast, then dropout)."""
+    g.hold(base_out)  # `result` stays in a variable while the adapter path runs
+    xa = g.dropout(g.to(x, dtype), cfg.lora_dropout)
+    a = g.linear(xa, cfg.r, m.in_features, dtype, True)
+    b = g.linear(a, m.out_features, cfg.r, dtype, True)
+    out = g.add(base_out, g.scale(b))
+    g.drop(base_out)
+    return g.to(out, base_out.dtype)
 
 
 def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
     out = base_linear(g, x, m, ctx)
     if is_target(m, targets(ctx.model, ctx.method)):
-        out = adapter_path(g, x, out, m, ctx.method)
+        out = adapter_path(g, x, out, m, ctx.method, adapter_dtype(ctx.method, ctx.train))
     return out

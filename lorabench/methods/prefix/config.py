@@ -19,7 +19,7 @@ class PrefixConfig(MethodConfig):
     prefix_projection: bool = False
     """Reparameterize through an MLP (embedding V x D -> Linear(D, H) -> tanh -> Linear(H, 2 L D))."""
     encoder_hidden_size: int | None = None
-    """H of the projection MLP; None means the model's hidden size (PEFT's default)."""
+    """H of the projection MLP; None means PEFT's token_dim D = head_dim * num_key_value_heads."""
 
     def __post_init__(self) -> None:
         require(self.num_virtual_tokens > 0, f"num_virtual_tokens={self.num_virtual_tokens} must be positive",

@@ -14,12 +14,17 @@ Forward (PEFT's ``PeftModelForCausalLM.forward`` + ``get_prompt`` with transform
 2i, value = slice 2i+1); the attention mask, if any, gets V leading ones; positions run V..V+T-1 (RoPE and
 GPT-2's learned positions both shift by V).
 
-One difference from PEFT, on purpose: the prefix is held in a READ-ONLY cache (``update`` returns
-``cat(prefix, new)`` without storing it) and handed to each attention module by a forward pre-hook. PEFT
-fills a transformers ``DynamicCache``, which gradient checkpointing silently drops (transformers sets
-``past_key_values=None`` inside checkpointed layers, and a recompute would append to a mutable cache
-twice); lorabench's prefix therefore also works with gradient checkpointing. Without checkpointing the
-outputs equal PEFT's (tested).
+Differences from PEFT, on purpose (outputs are equal, tested):
+
+- The prefix sits in a READ-ONLY cache (``update`` returns ``cat(prefix, new)`` and stores nothing) that a
+  forward pre-hook hands to every attention module. PEFT fills a mutable ``DynamicCache``; transformers drops
+  it inside checkpointed layers while the mask still spans V+T keys, so PEFT prefix tuning with gradient
+  checkpointing fails (size mismatch; peft 0.21 + transformers 5.23, tried). Here checkpointing works and
+  gives the same loss and gradients.
+- Memory: the concatenated (b, n_kv, V+T, d) keys/values are held only by autograd (sdpa saves them), so
+  each layer's are freed during its backward; PEFT's cache, returned in ``output.past_key_values``, keeps all
+  of them until the output is dropped. The prefix (b, V, 2LD) itself lives until the end of the forward, or
+  until the next step with checkpointing (the recompute reads it).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lorabench.errors import UserError
 from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.runtime.build import adapter_torch_dtype, decoder_layers, freeze, torch_dtype
 from lorabench.specs import ModelSpec, TrainSpec
@@ -118,6 +122,8 @@ class PrefixModel(nn.Module):
         self._slot = _CacheSlot()
         attn_name = spec.matrices[0].name.split(".")[0]  # "self_attn" (Llama family) or "attn" (GPT-2)
         for layer in decoder_layers(model):
+            # The cache is read-only, so transformers may keep it inside checkpointed layers (no warning).
+            layer._can_checkpoint_with_cache = True
             getattr(layer, attn_name).register_forward_pre_hook(self._hook(), with_kwargs=True)
 
     def _hook(self) -> Any:
@@ -147,13 +153,22 @@ class PrefixModel(nn.Module):
         batch, seq = input_ids.shape
         v = self.num_virtual_tokens
         cache = PrefixCache(self.prefix_key_values(batch))
-        self._slot.cache = cache  # kept until the next step: checkpoint recompute in backward reads it
         if attention_mask is not None:
             ones = torch.ones(batch, v, dtype=attention_mask.dtype, device=attention_mask.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         position_ids = torch.arange(v, v + seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, labels=labels, use_cache=False, **kwargs)
+        # Checkpoint recompute (in backward) reads the cache again, so keep it until the next step then.
+        recompute = self.training and any(getattr(layer, "gradient_checkpointing", False)
+                                          for layer in decoder_layers(self.model))
+        self._slot.cache = cache
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, labels=labels, use_cache=False, **kwargs)
+        finally:
+            if not recompute:
+                self._slot.cache = None
+        out.past_key_values = None  # not a generation cache: do not keep the prefix alive with the output
+        return out
 
 
 def apply(model: nn.Module, spec: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> PrefixModel:

@@ -8,6 +8,7 @@ Attention runs over V + T keys.
 
 from __future__ import annotations
 
+from lorabench.memory.method_terms import adapter_dtype
 from lorabench.memory.method_terms import base_linear as linear
 from lorabench.memory.method_terms import frozen_storage
 from lorabench.memory.method_terms import identity as after_sublayer
@@ -36,7 +37,7 @@ def trainable_params(model: ModelSpec, cfg: PrefixConfig) -> int:
 
 
 def trainable_dtype(cfg: PrefixConfig, train: TrainSpec) -> str:
-    return cfg.adapter_dtype
+    return adapter_dtype(cfg, train)
 
 
 def storage(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> tuple[int, int]:

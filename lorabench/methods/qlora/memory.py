@@ -11,7 +11,7 @@ from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.memory.method_terms import identity as after_sublayer
-from lorabench.memory.method_terms import is_target
+from lorabench.memory.method_terms import adapter_dtype, is_target
 from lorabench.memory.method_terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.memory import adapter_path, targets, trainable_dtype, trainable_params
 from lorabench.methods.qlora.config import QLoraConfig
@@ -31,11 +31,13 @@ def quantized_params(model: ModelSpec) -> int:
 
 def storage(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[int, int]:
     """(16-bit remainder, NF4 bytes): each matrix is quantized on its own, so sizes add per matrix."""
+    mats = model.quantized_matrices()
     quant = model.num_layers * sum(
-        m.copies * nf4_storage_bytes(m.in_features * m.out_features, cfg.blocksize, cfg.double_quant)
-        for m in model.quantized_matrices())
-    rest = (model.total_params - quantized_params(model)) * DTYPE_BYTES[train.param_dtype]
-    return int(rest), int(quant)
+        m.copies * nf4_storage_bytes(m.in_features * m.out_features, cfg.blocksize, cfg.double_quant) for m in mats)
+    # The 4-bit layer keeps its bias in the compute dtype; every other frozen tensor keeps the param dtype.
+    biases = model.num_layers * sum(m.bias_params for m in mats if m.is_linear)
+    rest = (model.total_params - quantized_params(model) - biases) * DTYPE_BYTES[train.param_dtype]
+    return int(rest + biases * DTYPE_BYTES[cfg.compute_dtype]), int(quant)
 
 
 def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
@@ -45,5 +47,5 @@ def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
     else:
         out = g.linear(x, m.out_features, m.in_features, ctx.param_dtype, False)
     if is_target(m, targets(ctx.model, cfg)):
-        out = adapter_path(g, x, out, m, cfg)
+        out = adapter_path(g, x, out, m, cfg, adapter_dtype(cfg, ctx.train))
     return out
