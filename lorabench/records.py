@@ -310,7 +310,7 @@ def environment(device: str = "auto") -> dict[str, Any]:
     a CPU run reports the CPU model (``/proc/cpuinfo``, else ``platform.processor()``, else "cpu").
     """
     nvml_name, driver = _nvml_info()
-    torch_name, cuda = _torch_cuda(gpu_seen=nvml_name is not None)
+    torch_name, cuda = _torch_cuda(gpu_seen=nvml_name is not None and device != "cpu")
     commit, dirty = git_state()
     gpu_name = None if device == "cpu" else (torch_name or nvml_name)
     env: dict[str, Any] = {

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--ckpt", nargs="+", choices=["off", "on"], default=["off", "on"])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report-only", action="store_true", help="rewrite README.md from rows.jsonl, trace nothing")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl = args.out / "rows.jsonl"
@@ -102,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     if jsonl.exists():
         rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         done = {(r["model"], r["method"], r["seq_len"], r["ckpt"], r["batch"]) for r in rows}
-    grid = list(itertools.product(args.models, args.methods, args.seq, [c == "on" for c in args.ckpt], args.batch))
-    for i, key in enumerate(grid, 1):
+    # Cheap settings first, all models and methods in each, so a partial run still covers the grid's breadth.
+    grid = [(model, method, seq, ckpt, batch)
+            for seq, ckpt, batch in itertools.product(args.seq, [c == "on" for c in args.ckpt], args.batch)
+            for model, method in itertools.product(args.models, args.methods)]
+    for i, key in enumerate(grid if not args.report_only else [], 1):
         if key in done:
             continue
         t0 = time.perf_counter()

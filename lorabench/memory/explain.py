@@ -31,8 +31,7 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
          "AdamW keeps m and v (Loshchilov & Hutter 2019); 8-bit: Dettmers et al. 2022"),
         ("master_weights", f"4 B x {n:,}" if c["master_weights"] else "0 (no separate fp32 master copy)",
          "mixed precision (Micikevicius et al. 2018)"),
-        ("activations", f"saved tensors of {L} layers for b={b}, s={s}" +
-         (" (checkpointing: layer inputs + one recomputed layer)" if train.gradient_checkpointing else ""),
+        ("activations", _activation_formula(model, method, train, hooks),
          "symbolic autograd walk of the layer (lorabench.memory.activations), derivatives.yaml save rules"),
         ("logits", f"log_softmax fp32 b*s*V = {b}x{s}x{v} x 4 B, + 2 gradient buffers in backward",
          "transformers ForCausalLMLoss (logits.float())"),
@@ -42,6 +41,23 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
     ]
     return [{"component": name, "formula": formula, "GiB": gib(c[name], 3), "source": src}
             for name, formula, src in rows]
+
+
+def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: object) -> str:
+    """Per-layer saved bytes from the symbolic walk, with the numbers filled in."""
+    from lorabench.memory import activations as act
+
+    ctx = act.LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
+                       param_dtype=train.param_dtype, train_base=hooks.trains_base)  # type: ignore[attr-defined]
+    first = act.layer_memory(ctx, hooks.trains_base)  # type: ignore[attr-defined]
+    rest = act.layer_memory(ctx, first.output_requires_grad)
+    mib = 1024**2
+    L = model.num_layers
+    if train.gradient_checkpointing:
+        return (f"{L} layer inputs x {act.checkpoint_saved_bytes(ctx) / mib:.1f} MiB + one recomputed layer "
+                f"({rest.saved_bytes / mib:.1f} MiB saved, {rest.backward_peak_bytes / mib:.1f} MiB at its backward peak)")
+    return (f"layer 0 saves {first.saved_bytes / mib:.1f} MiB + {L - 1} layers x {rest.saved_bytes / mib:.1f} MiB "
+            f"(b={train.micro_batch_size}, s={train.seq_len}, {train.precision})")
 
 
 def _quantized(model: ModelSpec, method: MethodConfig) -> int:

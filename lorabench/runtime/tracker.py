@@ -1,0 +1,373 @@
+"""Live-storage memory tracker: a ``TorchDispatchMode`` that counts the bytes of every live tensor storage.
+
+Works the same on real tensors (CPU measurement in the sweep runner) and on fake tensors (the trace under
+``FakeTensorMode``), so the two can be compared number for number.
+
+Accounting rules:
+
+- A storage is counted once, keyed by its identity (``untyped_storage()._cdata``), with
+  ``untyped_storage().nbytes()`` bytes; views share their base's storage and add nothing.
+- A storage enters when an op running under the mode returns a tensor on a storage not seen before, or
+  when the caller registers it (``track_model``, ``track_tensor``): parameters, buffers and inputs that
+  existed before tracking began. It leaves when its Python storage object dies (a ``weakref`` callback;
+  torch keeps one Python object per live storage, so this is the moment the storage is freed).
+- Each storage has one category (:data:`TRACE_CATEGORIES`). Op outputs start as ``activations``
+  (temporaries included). A storage that turns out to be a gradient (``p.grad``, retagged by a
+  post-accumulate-grad hook and by :meth:`MemoryTracker.track_grads`) or optimizer state
+  (:meth:`MemoryTracker.track_optimizer_state`, re-scanned after each step because states are created
+  lazily) is retagged. If it was already alive at the recorded peak, the peak breakdown is corrected too,
+  so ``sum(peak_breakdown.values()) == peak_bytes`` always and every byte sits in its final category.
+- The peak is checked after every op that allocates; ``peak_phase`` is the phase set by the caller
+  (:data:`PHASES`) at that moment.
+
+Limits: bytes are tensor storage bytes (what ``torch.cuda.max_memory_allocated`` counts before its
+512-byte rounding); kernel workspaces that never surface as tensors are invisible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+import weakref
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils._pytree import tree_flatten
+
+from lorabench.memory.categories import PHASES, TRACE_CATEGORIES
+
+ACTIVATIONS = "activations"
+QUANTIZED_CLASS_MARKERS: tuple[str, ...] = ("4bit",)
+"""Substrings of a module's class name that mark its tensors as quantized (``Linear4bit``, ``Params4bit``)."""
+
+
+_NO_STORAGE_OPS = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
+                             torch.ops.aten.sym_stride.default, torch.ops.aten.sym_numel.default,
+                             torch.ops.aten.sym_storage_offset.default, torch.ops.aten._local_scalar_dense.default})
+"""Ops that never return a tensor; skipped without looking at their output (the autograd engine asks a fake
+tensor's device tens of thousands of times per step)."""
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the tensor's storage (the address of its ``StorageImpl``, unique while it lives)."""
+    return tensor.untyped_storage()._cdata
+
+
+def is_quantized_module(module: torch.nn.Module) -> bool:
+    """A module whose tensors are quantized weights: ``is_quantized = True`` or a class name with ``4bit``."""
+    if getattr(module, "is_quantized", False) is True:
+        return True
+    name = type(module).__name__.lower()
+    return any(marker in name for marker in QUANTIZED_CLASS_MARKERS)
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Plain tensors inside an op's output (lists, tuples, dicts); sparse/storage-less ones skipped."""
+    leaves, _ = tree_flatten(value)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
+            yield leaf
+
+
+class StorageInfo(NamedTuple):
+    """One tracked storage: the op that produced it (or the registered name), the shape and dtype of the
+    first tensor seen on it, its bytes, category, the module running when it was made, and the phase."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    category: str
+    module: str
+    phase: str
+
+
+def _rows(live: dict[int, list[Any]], category: str | None) -> list[StorageInfo]:
+    rows = [StorageInfo(e[3], e[4], e[5], e[0], e[1], e[6], e[7]) for e in live.values() if category in (None, e[1])]
+    return sorted(rows, key=lambda row: -row.nbytes)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live storage bytes by category and records the peak with its exact breakdown.
+
+    Usage::
+
+        tracker = MemoryTracker()
+        tracker.track_model(model)            # params (frozen/trainable/quantized) and buffers
+        tracker.track_tensor(input_ids)       # other pre-existing tensors (activations by default)
+        with tracker:
+            with tracker.phase("forward"):
+                loss = model(...).loss
+            ...
+            tracker.track_optimizer_state(opt)  # after each optimizer step
+        tracker.peak_bytes, tracker.peak_breakdown, tracker.peak_phase
+
+    Attributes:
+        quantized_patterns: fnmatch patterns of parameter/buffer names (``"*.absmax"``) that
+            :meth:`track_model` files under ``quantized``; extend before calling it.
+        current_bytes: bytes of all live tracked storages now.
+        peak_bytes: the largest ``current_bytes`` seen since creation or :meth:`reset_peak`.
+        peak_phase: the phase at that moment.
+        peak_breakdown: category -> bytes at that moment (sums to ``peak_bytes``).
+    """
+
+    def __init__(self, quantized_patterns: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.quantized_patterns: list[str] = list(quantized_patterns)
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.peak_phase = PHASES[0]
+        self._phase = PHASES[0]
+        self._totals: dict[str, int] = dict.fromkeys(TRACE_CATEGORIES, 0)
+        self.peak_breakdown: dict[str, int] = dict(self._totals)
+        # storage key -> [nbytes, category, birth sequence number, op name]
+        self._live: dict[int, list[Any]] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._seq = 0
+        self._peak_seq = 0
+        self._lock = threading.RLock()
+        self._hooks: list[Any] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._params: dict[int, torch.nn.Parameter] = {}
+        self.context = ""
+        """Label of the code running now (the module path, set by :meth:`label_modules`' hooks)."""
+        self.phase_peak_bytes: dict[str, int] = dict.fromkeys(PHASES, 0)
+        """Largest ``current_bytes`` seen while each phase was set."""
+        self.timeline: list[tuple[str, int]] = []
+        """(phase entered, ``current_bytes`` at that moment), one row per phase change."""
+        self.keep_peak_storages = False
+        """Snapshot the live storages at every new peak (for :meth:`peak_storages`; O(live) per peak)."""
+        self._peak_live: dict[int, list[Any]] = {}
+
+    # ------------------------------------------------------------------ phases
+    @property
+    def current_phase(self) -> str:
+        return self._phase
+
+    def set_phase(self, name: str) -> None:
+        """Attribute what follows to phase ``name`` (one of :data:`PHASES`)."""
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; use one of {PHASES}")
+        self._phase = name
+        self.timeline.append((name, self.current_bytes))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Context manager form of :meth:`set_phase`; restores the previous phase on exit."""
+        previous = self._phase
+        self.set_phase(name)
+        try:
+            yield
+        finally:
+            self.set_phase(previous)
+
+    # ------------------------------------------------------------------ registration
+    def track_tensor(self, tensor: torch.Tensor, category: str = ACTIVATIONS, op: str = "input") -> None:
+        """Count ``tensor``'s storage (if new) and file it under ``category`` (retagging it if known)."""
+        if category not in self._totals:
+            raise ValueError(f"unknown category {category!r}; use one of {TRACE_CATEGORIES}")
+        with self._lock:
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            entry = self._live.get(key)
+            if entry is None:
+                self._add(storage, key, category, op, tensor)
+                self._update_peak()
+            elif entry[1] != category:
+                self._retag(entry, category)
+
+    def track_model(self, model: torch.nn.Module) -> None:
+        """Register every parameter and buffer of ``model``; hook trainable params to tag their grads.
+
+        Idempotent: registering a model again adds no bytes and no second hook.
+
+        Categories: ``quantized`` for tensors of quantized modules (:func:`is_quantized_module`),
+        uint8 tensors and names matching :attr:`quantized_patterns`; else ``weights_trainable`` for
+        parameters with ``requires_grad``; else ``weights_frozen`` (frozen params and all other buffers).
+        """
+        for module_name, module in model.named_modules():
+            quantized_module = is_quantized_module(module)
+            own = [(n, t, True) for n, t in module._parameters.items()]
+            own += [(n, t, False) for n, t in module._buffers.items()]
+            for name, tensor, is_param in own:
+                if tensor is None:
+                    continue
+                full_name = f"{module_name}.{name}" if module_name else name
+                if quantized_module or tensor.dtype == torch.uint8 or self._matches_quantized(full_name):
+                    category = "quantized"
+                elif is_param and tensor.requires_grad:
+                    category = "weights_trainable"
+                else:
+                    category = "weights_frozen"
+                self.track_tensor(tensor, category, op=full_name)
+                if is_param and tensor.requires_grad and category == "weights_trainable":
+                    self._hook_grad(tensor)
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remember ``optimizer``; its state tensors are tagged ``optimizer`` now and at every
+        :meth:`track_optimizer_state` call (states are created lazily in the first step)."""
+        if all(opt is not optimizer for opt in self._optimizers):
+            self._optimizers.append(optimizer)
+        self.track_optimizer_state()
+
+    def track_optimizer_state(self) -> None:
+        """Re-scan the state of every tracked optimizer and tag its tensors ``optimizer``."""
+        for optimizer in self._optimizers:
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                        self.track_tensor(value, "optimizer", op="optimizer.state")
+
+    def track_grads(self) -> None:
+        """Tag the ``.grad`` of every tracked trainable parameter as ``gradients`` (call after backward)."""
+        for param in self._params.values():
+            if param.grad is not None:
+                self.track_tensor(param.grad, "gradients", op="grad")
+
+    def label_modules(self, model: torch.nn.Module) -> None:
+        """Record in :attr:`context` the path of the module whose forward is running (forward hooks;
+        recomputation under gradient checkpointing is labeled too). Diagnostic; adds per-call overhead."""
+        stack: list[str] = []
+
+        def enter(name: str) -> Any:
+            def hook(_module: torch.nn.Module, _args: Any) -> None:
+                stack.append(self.context)
+                self.context = name
+            return hook
+
+        def leave(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
+            self.context = stack.pop() if stack else ""
+
+        for name, module in model.named_modules():
+            self._hooks.append(module.register_forward_pre_hook(enter(name or "<model>")))
+            self._hooks.append(module.register_forward_hook(leave))
+
+    def close(self) -> None:
+        """Stop following storages (drop weakrefs and grad hooks); counters keep their last values."""
+        with self._lock:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            self._refs.clear()
+            self._params.clear()
+            self._optimizers.clear()
+
+    # ------------------------------------------------------------------ results
+    def reset_peak(self) -> None:
+        """Restart peak tracking from the current state."""
+        with self._lock:
+            self.peak_bytes = self.current_bytes
+            self.peak_breakdown = dict(self._totals)
+            self.peak_phase = self._phase
+            self._peak_seq = self._seq
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """Category -> bytes live now."""
+        return dict(self._totals)
+
+    def live_storages(self, category: str | None = None) -> list[StorageInfo]:
+        """Every live storage (optionally of one category), largest first."""
+        return _rows(self._live, category)
+
+    def peak_storages(self, category: str | None = None) -> list[StorageInfo]:
+        """The storages live at the peak moment, largest first (needs ``keep_peak_storages = True``).
+
+        Categories are the final ones (a storage later retagged as a gradient shows as ``gradients``).
+        """
+        if not self.keep_peak_storages:
+            raise RuntimeError("set tracker.keep_peak_storages = True before tracking to keep the peak's storages")
+        return _rows(self._peak_live, category)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's ``measured.tracker`` / ``traced`` shape: ``{"components", "peak_bytes", "phase"}``."""
+        return {"components": dict(self.peak_breakdown), "peak_bytes": int(self.peak_bytes),
+                "phase": self.peak_phase}
+
+    # ------------------------------------------------------------------ dispatch
+    def active(self) -> contextlib.AbstractContextManager[Any]:
+        """Enter this mode unless it is already on the dispatch-mode stack (then a no-op context)."""
+        if any(mode is self for mode in _get_current_dispatch_mode_stack()):
+            return contextlib.nullcontext()
+        return self
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _NO_STORAGE_OPS:
+            return out
+        with self._lock:
+            grew = False
+            for tensor in _tensors_in(out):
+                grew |= self._observe(tensor, func)
+            if grew:
+                self._update_peak()
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _matches_quantized(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.quantized_patterns)
+
+    def _hook_grad(self, param: torch.nn.Parameter) -> None:
+        if id(param) in self._params:
+            return
+        self._params[id(param)] = param
+        self._hooks.append(param.register_post_accumulate_grad_hook(
+            lambda p: self.track_tensor(p.grad, "gradients", op="grad")))
+
+    def _observe(self, tensor: torch.Tensor, func: Any) -> bool:
+        """Count a new storage (True) or follow a resize of a known one (True if it grew)."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        entry = self._live.get(key)
+        if entry is None:
+            self._add(storage, key, ACTIVATIONS, func.overloadpacket.__name__, tensor)
+            return True
+        nbytes = storage.nbytes()
+        if nbytes != entry[0]:
+            delta = nbytes - entry[0]
+            entry[0] = nbytes
+            self.current_bytes += delta
+            self._totals[entry[1]] += delta
+            return delta > 0
+        return False
+
+    def _add(self, storage: torch.UntypedStorage, key: int, category: str, op: str, tensor: torch.Tensor) -> None:
+        nbytes = storage.nbytes()
+        self._seq += 1
+        self._live[key] = [nbytes, category, self._seq, op, tuple(tensor.shape), tensor.dtype, self.context,
+                           self._phase]
+        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
+        self.current_bytes += nbytes
+        self._totals[category] += nbytes
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            entry = self._live.pop(key, None)
+            self._refs.pop(key, None)
+            if entry is not None:
+                self.current_bytes -= entry[0]
+                self._totals[entry[1]] -= entry[0]
+
+    def _retag(self, entry: list[Any], category: str) -> None:
+        nbytes, old = entry[0], entry[1]
+        self._totals[old] -= nbytes
+        self._totals[category] += nbytes
+        entry[1] = category
+        # Alive now and born no later than the peak moment: it was alive at the peak, in its old category.
+        if entry[2] <= self._peak_seq and self.peak_bytes > 0:
+            self.peak_breakdown[old] -= nbytes
+            self.peak_breakdown[category] += nbytes
+
+    def _update_peak(self) -> None:
+        current = self.current_bytes
+        if current > self.phase_peak_bytes[self._phase]:
+            self.phase_peak_bytes[self._phase] = current
+        if current > self.peak_bytes:
+            self.peak_bytes = current
+            self.peak_breakdown = dict(self._totals)
+            self.peak_phase = self._phase
+            self._peak_seq = self._seq
+            if self.keep_peak_storages:
+                self._peak_live = dict(self._live)
