@@ -91,7 +91,7 @@ class Graph:
         self._held.pop(t.uid, None)
 
     def record(self, inputs: tuple[Sym, ...], output: Sym, passthrough: bool = False, transient_bytes: int = 0,
-               param_grad_bytes: int = 0) -> Sym:
+               param_grad_bytes: int = 0, forward_transient_bytes: int = 0) -> Sym:
         """Close the current op: its saves so far belong to it.
 
         While the op runs, its inputs and output are alive besides the saved tensors and the held
@@ -101,11 +101,12 @@ class Graph:
             transient_bytes: scratch its backward allocates and frees (e.g. grad * x before the sum that
                 reduces it to a broadcast parameter's shape).
             param_grad_bytes: parameter gradients its backward creates (they persist).
+            forward_transient_bytes: scratch the forward op itself holds while it runs.
         """
         live = {t.uid: t.nbytes for t in (*inputs, output) if not t.is_param}
         live.update(self._held)
         transient = sum(b for uid, b in live.items() if uid not in self.saved)
-        self.forward_peak = max(self.forward_peak, self.saved_bytes + transient)
+        self.forward_peak = max(self.forward_peak, self.saved_bytes + transient + forward_transient_bytes)
         grads = tuple({t.uid: t for t in inputs if t.requires_grad and not t.is_param}.values())
         self.tape.append(Op(grads, output, tuple(self._pending), passthrough, transient_bytes, param_grad_bytes))
         self._pending = []
@@ -146,9 +147,12 @@ class Graph:
         return self.record((x,), out, param_grad_bytes=int(grad_bytes))
 
     def frozen_linear_no_save(self, x: Sym, out_features: int, in_features: int, dtype: str) -> Sym:
-        """A 4-bit linear: dequantizes in forward and again in backward; saves no activation."""
+        """A 4-bit linear: saves no activation, but dequantizes the full weight (out x in, compute dtype)
+        for the matmul in forward and again in backward (QLoRA's MatMul4Bit)."""
         rows = x.numel // in_features
-        return self.record((x,), self.new(rows * out_features, dtype, x.requires_grad))
+        weight = int(out_features * in_features * DTYPE_BYTES[dtype])
+        return self.record((x,), self.new(rows * out_features, dtype, x.requires_grad), transient_bytes=weight,
+                           forward_transient_bytes=weight)
 
     def mul(self, a: Sym, b: Sym, numel: int | None = None) -> Sym:
         """a * b (broadcasting): saves b if a needs grad and a if b needs grad."""

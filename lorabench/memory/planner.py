@@ -135,8 +135,10 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
         top = max(n * ckpt + rest.backward_peak_bytes, recompute)
         return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads), (ckpt + first.backward_peak_bytes, 0, bottom_grads)]
     below_top = first.saved_bytes + (n - 2) * rest.saved_bytes if n > 1 else 0
+    # The top layer's own forward (its temporaries on top of everything saved below) can exceed both.
+    top = max(below_top + rest.backward_peak_bytes, below_top + rest.forward_peak_bytes)
     return [(first.saved_bytes + (n - 1) * rest.saved_bytes + head, logits_bwd, 0),
-            (below_top + rest.backward_peak_bytes, 0, top_grads), (first.backward_peak_bytes, 0, bottom_grads)]
+            (top, 0, top_grads), (first.backward_peak_bytes, 0, bottom_grads)]
 
 
 def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:
