@@ -197,10 +197,11 @@ class OptimizerSpec:
         """Bytes per state element; None means 'the parameter's own dtype' (torch's AdamW/SGD).
 
         8-bit optimizers (Dettmers et al. 2022, arXiv:2110.02861) store 1 byte per element plus one fp32
-        absmax per 2048-element block: 1 + 4/2048 bytes.
+        absmax per block; bitsandbytes 0.50 uses blocks of 256: 1 + 4/256 bytes. (bitsandbytes keeps
+        tensors under 4,096 elements in fp32; the planner ignores that small-tensor exception.)
         """
         if self.name.endswith("8bit"):
-            return 1 + 4 / 2048
+            return 1 + 4 / 256
         return None
 
     @property

@@ -34,9 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, method, train = specs_from_args(args)
-    if train.num_gpus > 1 or train.sharding != "none":
-        raise UserError("the tracer runs one unsharded process (--gpus/--sharding are not traced)",
-                        "drop --gpus/--sharding, or use `lorabench plan` for sharded set-ups")
     if args.top < 0:
         raise UserError(f"--top {args.top} is negative", "pass --top 20 for example")
     from lorabench.memory.planner import predict
@@ -64,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
               f"{' ckpt' if train.gradient_checkpointing else ''} {train.attention} {train.optimizer.name} | "
               f"traced peak in {result.phase}, predicted in {pred.phase} | trace {result.seconds:.1f} s")
     print(render(rows, args.format))
+    if args.format in ("table", "markdown"):
+        print("traced peak per phase: " + ", ".join(f"{phase} {human_bytes(n)}"
+                                                    for phase, n in result.phase_peak_bytes.items()))
     if args.top:
         print()
         print(render([_tensor_row(s) for s in activations[:args.top]], args.format,

@@ -16,6 +16,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lorabench.errors import UserError
 from lorabench.runtime.tracker import MemoryTracker
@@ -41,7 +42,8 @@ def synthetic_batch(vocab_size: int, micro_batch_size: int, seq_len: int, device
                     seed: int = 0) -> torch.Tensor:
     """Uniform random token ids of shape (micro_batch_size, seq_len), int64, reproducible from ``seed``.
 
-    Under ``FakeTensorMode`` the ids are fake (values never matter for memory).
+    Call it outside ``FakeTensorMode`` (it draws from a real generator); the trace then converts the ids with
+    ``fake_mode.from_tensor``. One sequence per row, no padding: the mask-free causal attention path.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab_size, (micro_batch_size, seq_len), generator=generator, dtype=torch.long)
@@ -55,7 +57,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optimizer_spec: Optimiz
     Args:
         params: the trainable parameters.
         optimizer_spec: ``adamw`` (torch AdamW, weight decay 0.01), ``sgd``, ``sgd_momentum`` (momentum 0.9),
-            ``adamw_8bit``, ``paged_adamw``, ``paged_adamw_8bit`` (bitsandbytes, imported lazily).
+            ``adamw_8bit``, ``paged_adamw``, ``paged_adamw_8bit`` (bitsandbytes, imported lazily; its CPU
+            backend runs them too). bitsandbytes 0.50 keeps 8-bit states in blocks of 256 (1 + 4/256 bytes
+            per element), fp32 states for tensors under ``min_8bit_size`` = 4096 elements, and two shared
+            256-entry fp32 quantization maps.
         lr: learning rate.
         foreach: torch optimizers only; None keeps torch's default, which is the multi-tensor (foreach)
             implementation on CUDA and the per-parameter loop on CPU. The foreach AdamW allocates one
@@ -87,12 +92,6 @@ def _bnb_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     return getattr(bnb_optim, BNB_OPTIMIZERS[name])(params, lr=lr)
 
 
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
-
-
 def train_steps(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer, n_steps: int,
                 tracker: MemoryTracker | None = None, autocast_dtype: torch.dtype | None = None,
                 warm_start: bool = False) -> list[float]:
@@ -114,11 +113,13 @@ def train_steps(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.op
             ``optimizer.step()``, which creates the optimizer state exactly as a full first step does. The
             first step's forward and backward run without optimizer state, so every moment of them has a
             subset of the live bytes of the same moment in step 2: a memory trace of ``n_steps >= 2`` has the
-            same peak, breakdown and phase either way, in about half the time. Not for timing runs.
+            same peak, breakdown and phase either way, in about half the time. Ignored for one step.
+            Not for timing runs.
 
     Returns:
         The loss of each full step (NaN for fake tensors, whose values do not exist).
     """
+    warm_start = warm_start and n_steps >= 2
     if tracker is None:
         return _run_steps(model, batch, optimizer, n_steps, None, autocast_dtype, warm_start)
     tracker.track_model(model)
@@ -152,7 +153,7 @@ def _run_steps(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.opt
             loss.backward()
             if tracker is not None:
                 tracker.track_grads()
-        losses.append(math.nan if _is_fake(loss) else float(loss.detach()))
+        losses.append(math.nan if is_fake(loss) else float(loss.detach()))
         del loss
         _optimizer_step(optimizer, phase, tracker)
     return losses

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
-from lorabench.errors import UserError
+from lorabench.errors import UserError, require
 from lorabench.methods.base import MethodConfig
 from lorabench.runtime.step import autocast_dtype_for, make_optimizer, synthetic_batch, train_steps
 from lorabench.runtime.tracker import MemoryTracker, StorageInfo
@@ -83,7 +83,7 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
     """Trace ``steps`` training steps of the full-size model under fake tensors and return the peak.
 
     Args:
-        spec, method_cfg, train: what to trace (``train.num_gpus``/``sharding`` are ignored: one process).
+        spec, method_cfg, train: what to trace (one process: ``num_gpus`` 1, no sharding).
         steps: training steps; the second is the first with optimizer state, so keep >= 2.
         fake: False runs the same steps on real CPU tensors (small models only; for cross-checks).
         warm_start: the first step is optimizer-only (zero gradients create the optimizer state): the same
@@ -92,8 +92,11 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
             (a diagnostic: adds module hooks and a snapshot at every new peak, ~10-20% slower).
 
     Raises:
-        UserError: the model or method cannot be built or run by the tracer.
+        UserError: a sharded/multi-GPU set-up, or a model or method the tracer cannot build or run.
     """
+    require(train.num_gpus == 1 and train.sharding == "none",
+            "the tracer runs one unsharded process (--gpus/--sharding are not traced)",
+            "drop --gpus/--sharding, or use `lorabench plan` for sharded set-ups")
     start = time.perf_counter()
     tracker = _run_tracked(spec, method_cfg, train, steps, fake=fake, warm_start=warm_start,
                            configure=_keep_storages if keep_storages else None)
@@ -186,6 +189,8 @@ def _first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------------------- building the model
 def _build(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec,
            fake_mode: FakeTensorMode | None) -> torch.nn.Module:
+    """The model with the method applied: on meta, then every tensor a fake CPU tensor of ``fake_mode``; or
+    on the real CPU device when ``fake_mode`` is None."""
     from lorabench.runtime.build import prepare_model
 
     try:
@@ -198,12 +203,6 @@ def _build(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec,
     if fake_mode is not None:
         to_fake(model, fake_mode)
     return model
-
-
-def fake_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec,
-               fake_mode: FakeTensorMode) -> torch.nn.Module:
-    """The full-size model with the method applied, every tensor a fake CPU tensor of ``fake_mode``."""
-    return _build(spec, method_cfg, train, fake_mode)
 
 
 def to_fake(model: torch.nn.Module, fake_mode: FakeTensorMode, device: str = "cpu") -> None:
@@ -247,15 +246,22 @@ def _unpacked_batches_under_fake() -> Iterator[None]:
     per row (positions 0..s-1), for which real tensors get ``None`` (no mask). Under fake tensors this runs the
     same ops (so the allocations match a real run) and returns that ``None``.
     """
-    from transformers import masking_utils
-
-    original = masking_utils.find_packed_sequence_indices
+    try:
+        from transformers import masking_utils
+    except ImportError:  # older transformers: no packed-sequence detection to work around
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
 
     def unpacked(position_ids: torch.Tensor) -> torch.Tensor | None:
         if not is_fake(position_ids):
             return original(position_ids)
         packed_sequence_mask = original(position_ids)
-        (packed_sequence_mask[:, -1] == 0).all()  # the value check a real tensor runs (and passes)
+        if packed_sequence_mask is not None:
+            (packed_sequence_mask[:, -1] == 0).all()  # the value check a real tensor runs (and passes)
         return None
 
     masking_utils.find_packed_sequence_indices = unpacked

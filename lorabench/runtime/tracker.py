@@ -1,27 +1,21 @@
 """Live-storage memory tracker: a ``TorchDispatchMode`` that counts the bytes of every live tensor storage.
 
-Works the same on real tensors (CPU measurement in the sweep runner) and on fake tensors (the trace under
-``FakeTensorMode``), so the two can be compared number for number.
+The same code measures real tensors (CPU runs in the sweep runner) and fake ones (the trace), so the two
+agree number for number. Rules:
 
-Accounting rules:
-
-- A storage is counted once, keyed by its identity (``untyped_storage()._cdata``), with
-  ``untyped_storage().nbytes()`` bytes; views share their base's storage and add nothing.
-- A storage enters when an op running under the mode returns a tensor on a storage not seen before, or
-  when the caller registers it (``track_model``, ``track_tensor``): parameters, buffers and inputs that
-  existed before tracking began. It leaves when its Python storage object dies (a ``weakref`` callback;
-  torch keeps one Python object per live storage, so this is the moment the storage is freed).
+- A storage counts once, keyed by identity (``untyped_storage()._cdata``), with ``nbytes()`` bytes; views
+  add nothing. It enters when an op under the mode returns it, or when the caller registers it
+  (``track_model``, ``track_tensor``: parameters, buffers, inputs made before tracking). It leaves when its
+  Python storage object dies (a ``weakref`` callback: torch keeps one Python object per live storage).
 - Each storage has one category (:data:`TRACE_CATEGORIES`). Op outputs start as ``activations``
-  (temporaries included). A storage that turns out to be a gradient (``p.grad``, retagged by a
-  post-accumulate-grad hook and by :meth:`MemoryTracker.track_grads`) or optimizer state
-  (:meth:`MemoryTracker.track_optimizer_state`, re-scanned after each step because states are created
-  lazily) is retagged. If it was already alive at the recorded peak, the peak breakdown is corrected too,
-  so ``sum(peak_breakdown.values()) == peak_bytes`` always and every byte sits in its final category.
-- The peak is checked after every op that allocates; ``peak_phase`` is the phase set by the caller
-  (:data:`PHASES`) at that moment.
+  (temporaries included) and are retagged when they turn out to be a ``p.grad`` (post-accumulate-grad hook,
+  :meth:`MemoryTracker.track_grads`) or optimizer state (:meth:`MemoryTracker.track_optimizer_state`,
+  re-scanned after each step: states are created lazily). A retagged storage that was alive at the peak
+  moves in the peak breakdown too, so ``sum(peak_breakdown.values()) == peak_bytes`` with final categories.
+- The peak is checked after every allocating op; ``peak_phase`` is the caller's phase (:data:`PHASES`).
 
-Limits: bytes are tensor storage bytes (what ``torch.cuda.max_memory_allocated`` counts before its
-512-byte rounding); kernel workspaces that never surface as tensors are invisible.
+Limits: tensor storage bytes (``torch.cuda.max_memory_allocated`` before its 512-byte rounding); kernel
+workspaces that never surface as tensors are invisible.
 """
 
 from __future__ import annotations
@@ -42,17 +36,11 @@ ACTIVATIONS = "activations"
 QUANTIZED_CLASS_MARKERS: tuple[str, ...] = ("4bit",)
 """Substrings of a module's class name that mark its tensors as quantized (``Linear4bit``, ``Params4bit``)."""
 
-
 _NO_STORAGE_OPS = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
                              torch.ops.aten.sym_stride.default, torch.ops.aten.sym_numel.default,
                              torch.ops.aten.sym_storage_offset.default, torch.ops.aten._local_scalar_dense.default})
 """Ops that never return a tensor; skipped without looking at their output (the autograd engine asks a fake
 tensor's device tens of thousands of times per step)."""
-
-
-def storage_key(tensor: torch.Tensor) -> int:
-    """Identity of the tensor's storage (the address of its ``StorageImpl``, unique while it lives)."""
-    return tensor.untyped_storage()._cdata
 
 
 def is_quantized_module(module: torch.nn.Module) -> bool:
@@ -61,6 +49,16 @@ def is_quantized_module(module: torch.nn.Module) -> bool:
         return True
     name = type(module).__name__.lower()
     return any(marker in name for marker in QUANTIZED_CLASS_MARKERS)
+
+
+def _quant_state_tensors(param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a bitsandbytes ``Params4bit.quant_state`` and its nested ``state2`` (double quant)."""
+    state, path = getattr(param, "quant_state", None), ""
+    while state is not None:
+        for name, value in vars(state).items():
+            if isinstance(value, torch.Tensor):
+                yield path + name, value
+        state, path = getattr(state, "state2", None), path + "state2."
 
 
 def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
@@ -92,17 +90,9 @@ def _rows(live: dict[int, list[Any]], category: str | None) -> list[StorageInfo]
 class MemoryTracker(TorchDispatchMode):
     """Counts live storage bytes by category and records the peak with its exact breakdown.
 
-    Usage::
-
-        tracker = MemoryTracker()
-        tracker.track_model(model)            # params (frozen/trainable/quantized) and buffers
-        tracker.track_tensor(input_ids)       # other pre-existing tensors (activations by default)
-        with tracker:
-            with tracker.phase("forward"):
-                loss = model(...).loss
-            ...
-            tracker.track_optimizer_state(opt)  # after each optimizer step
-        tracker.peak_bytes, tracker.peak_breakdown, tracker.peak_phase
+    Usage: ``tracker.track_model(model)``, ``tracker.track_tensor(input_ids)``, then under ``with tracker:``
+    run the step inside ``tracker.phase("forward")`` etc. and call ``tracker.track_optimizer_state()`` after
+    each optimizer step (:func:`lorabench.runtime.step.train_steps` does all of this).
 
     Attributes:
         quantized_patterns: fnmatch patterns of parameter/buffer names (``"*.absmax"``) that
@@ -122,7 +112,7 @@ class MemoryTracker(TorchDispatchMode):
         self._phase = PHASES[0]
         self._totals: dict[str, int] = dict.fromkeys(TRACE_CATEGORIES, 0)
         self.peak_breakdown: dict[str, int] = dict(self._totals)
-        # storage key -> [nbytes, category, birth sequence number, op name]
+        # storage key -> [nbytes, category, birth sequence number, op, shape, dtype, module, phase]
         self._live: dict[int, list[Any]] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._seq = 0
@@ -183,27 +173,31 @@ class MemoryTracker(TorchDispatchMode):
 
         Idempotent: registering a model again adds no bytes and no second hook.
 
-        Categories: ``quantized`` for tensors of quantized modules (:func:`is_quantized_module`),
-        uint8 tensors and names matching :attr:`quantized_patterns`; else ``weights_trainable`` for
-        parameters with ``requires_grad``; else ``weights_frozen`` (frozen params and all other buffers).
+        Categories: ``quantized`` for buffers of quantized modules (:func:`is_quantized_module`), uint8
+        tensors, the tensors of a bitsandbytes ``weight.quant_state`` (absmax, code, nested state) and names
+        matching :attr:`quantized_patterns`; else ``weights_trainable`` for parameters with
+        ``requires_grad``; else ``weights_frozen`` (frozen params, such as a 4-bit layer's 16-bit bias, and
+        all other buffers).
         """
         for module_name, module in model.named_modules():
             quantized_module = is_quantized_module(module)
-            own = [(n, t, True) for n, t in module._parameters.items()]
-            own += [(n, t, False) for n, t in module._buffers.items()]
-            for name, tensor, is_param in own:
-                if tensor is None:
+            prefix = f"{module_name}." if module_name else ""
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    quantized = quantized_module or self._is_quantized(prefix + name, buffer)
+                    self.track_tensor(buffer, "quantized" if quantized else "weights_frozen", op=prefix + name)
+            for name, param in module._parameters.items():
+                if param is None:
                     continue
-                full_name = f"{module_name}.{name}" if module_name else name
-                if quantized_module or tensor.dtype == torch.uint8 or self._matches_quantized(full_name):
+                for state_name, tensor in _quant_state_tensors(param):
+                    self.track_tensor(tensor, "quantized", op=f"{prefix}{name}.quant_state.{state_name}")
+                if self._is_quantized(prefix + name, param):
                     category = "quantized"
-                elif is_param and tensor.requires_grad:
-                    category = "weights_trainable"
                 else:
-                    category = "weights_frozen"
-                self.track_tensor(tensor, category, op=full_name)
-                if is_param and tensor.requires_grad and category == "weights_trainable":
-                    self._hook_grad(tensor)
+                    category = "weights_trainable" if param.requires_grad else "weights_frozen"
+                self.track_tensor(param, category, op=prefix + name)
+                if category == "weights_trainable":
+                    self._hook_grad(param)
 
     def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Remember ``optimizer``; its state tensors are tagged ``optimizer`` now and at every
@@ -256,12 +250,11 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ results
     def reset_peak(self) -> None:
-        """Restart peak tracking from the current state."""
+        """Restart peak tracking (overall and per phase) from the current state."""
         with self._lock:
-            self.peak_bytes = self.current_bytes
-            self.peak_breakdown = dict(self._totals)
-            self.peak_phase = self._phase
-            self._peak_seq = self._seq
+            self.phase_peak_bytes = dict.fromkeys(PHASES, 0)
+            self.peak_bytes = -1
+            self._update_peak()
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -306,8 +299,8 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     # ------------------------------------------------------------------ internals
-    def _matches_quantized(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.quantized_patterns)
+    def _is_quantized(self, name: str, tensor: torch.Tensor) -> bool:
+        return tensor.dtype == torch.uint8 or any(fnmatch.fnmatchcase(name, p) for p in self.quantized_patterns)
 
     def _hook_grad(self, param: torch.nn.Parameter) -> None:
         if id(param) in self._params:
@@ -356,7 +349,7 @@ class MemoryTracker(TorchDispatchMode):
         self._totals[category] += nbytes
         entry[1] = category
         # Alive now and born no later than the peak moment: it was alive at the peak, in its old category.
-        if entry[2] <= self._peak_seq and self.peak_bytes > 0:
+        if entry[2] <= self._peak_seq:
             self.peak_breakdown[old] -= nbytes
             self.peak_breakdown[category] += nbytes
 

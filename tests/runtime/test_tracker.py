@@ -98,6 +98,7 @@ class _Quant(nn.Module):
         super().__init__()
         self.register_buffer("absmax", torch.ones(16))           # fp32, quantized by its module's flag
         self.register_buffer("codes", torch.zeros(32, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.ones(2), requires_grad=False)  # a 16/32-bit param stays a weight
 
 
 def test_track_model_categories_and_patterns() -> None:
@@ -110,11 +111,24 @@ def test_track_model_categories_and_patterns() -> None:
     tracker.track_model(model)
     tracker.track_model(model)  # idempotent
     assert tracker.breakdown == {
-        "weights_frozen": (64 + 8 + 4) * F32,          # frozen linear + the plain buffer
+        "weights_frozen": (64 + 8 + 4 + 2) * F32,      # frozen linear, the plain buffer, _Quant's bias
         "weights_trainable": (32 + 4) * F32,
         "quantized": 10 + 3 * F32 + 16 * F32 + 32,
         "gradients": 0, "optimizer": 0, "activations": 0,
     }
+
+
+def test_bitsandbytes_quant_state_is_quantized() -> None:
+    bnb_backend = pytest.importorskip("lorabench.quant.bnb_backend")
+    layer = bnb_backend.bnb_linear4bit_from_linear(nn.Linear(128, 64).to(torch.bfloat16))
+    state = layer.weight.quant_state
+    tracker = MemoryTracker()
+    tracker.track_model(layer)
+    nested = state.state2
+    expected = (128 * 64 // 2 + state.absmax.numel() + state.code.numel() * F32 + state.offset.numel() * F32
+                + nested.absmax.numel() * F32 + nested.code.numel() * F32)
+    assert tracker.breakdown["quantized"] == expected
+    assert tracker.breakdown["weights_frozen"] == 64 * 2  # the bf16 bias
 
 
 @pytest.mark.parametrize("label, fake_mode", _modes())
@@ -192,3 +206,17 @@ def test_close_stops_following_frees() -> None:
     tracker.close()
     del x
     assert tracker.current_bytes == 40  # no longer followed after close
+
+
+def test_reset_peak_restarts_from_the_live_bytes() -> None:
+    tracker = MemoryTracker()
+    with tracker:
+        a = torch.ones(100)
+        b = torch.ones(100)
+        del b
+        tracker.reset_peak()
+        assert (tracker.peak_bytes, tracker.phase_peak_bytes["setup"]) == (400, 400)
+        c = torch.ones(10)
+    assert tracker.peak_bytes == 440
+    assert [row.nbytes for row in tracker.live_storages()] == [400, 40]
+    del a, c
