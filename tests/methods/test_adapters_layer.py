@@ -13,14 +13,6 @@ from lorabench.runtime.build import build_model, prepare_model  # noqa: E402
 from lorabench.specs import TrainSpec  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one thread is ~100x faster than two threads fighting other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 IDS = torch.arange(30).remainder(17).add(2).view(2, 15)
 

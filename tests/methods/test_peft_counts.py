@@ -16,14 +16,6 @@ from lorabench.runtime.build import build_model, count_trainable, prepare_model 
 from lorabench.specs import TrainSpec  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one thread is ~100x faster than two threads fighting other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MODELS = ["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
 TRAIN = TrainSpec(precision="bf16")

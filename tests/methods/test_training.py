@@ -14,14 +14,6 @@ from lorabench.runtime.build import prepare_model, trainable_parameters  # noqa:
 from lorabench.specs import TrainSpec  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one thread is ~100x faster than two threads fighting other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 STEPS = 50
 LR = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2, "ia3": 3e-2, "prefix": 3e-2, "adapters": 1e-2}
