@@ -52,6 +52,19 @@ class Op:
     param_grad_bytes: int = 0
 
 
+#: Elements lorabench.quant.nf4.dequantize_nf4 decodes per chunk.
+DEQUANT_CHUNK_ELEMS = 1 << 22
+
+
+def dequant_scratch_bytes(numel: int) -> int:
+    """Scratch of lorabench's NF4 dequantization besides the output weight: the fp32 absmax
+    (4 bytes per 64-block) and, per chunk of 4M elements, int32 byte indices (2 B/element) and fp32 codebook
+    values (4 B/element); a chunk's temporaries are still alive when the next chunk's are made (two chunks).
+    """
+    chunks_alive = 2 if numel > DEQUANT_CHUNK_ELEMS else 1
+    return int(4 * -(-numel // 64) + chunks_alive * 6 * min(numel, DEQUANT_CHUNK_ELEMS))
+
+
 def promote(a: str, b: str) -> str:
     """Type promotion of two float dtypes (fp32 wins; bf16 with fp16 gives fp32)."""
     return a if a == b else "fp32"
@@ -150,7 +163,7 @@ class Graph:
         """A 4-bit linear: saves no activation, but dequantizes the full weight (out x in, compute dtype)
         for the matmul in forward and again in backward (QLoRA's MatMul4Bit)."""
         rows = x.numel // in_features
-        weight = int(out_features * in_features * DTYPE_BYTES[dtype])
+        weight = int(out_features * in_features * DTYPE_BYTES[dtype]) + dequant_scratch_bytes(out_features * in_features)
         return self.record((x,), self.new(rows * out_features, dtype, x.requires_grad), transient_bytes=weight,
                            forward_transient_bytes=weight)
 

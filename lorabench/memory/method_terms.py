@@ -41,3 +41,8 @@ def is_target(m: MatrixSpec, chosen: tuple[MatrixSpec, ...]) -> bool:
 def adapter_dtype(cfg: Any, train: TrainSpec) -> str:
     """The dtype adapter weights live in: ``cfg.adapter_dtype``, where ``base`` means the model's dtype."""
     return train.param_dtype if cfg.adapter_dtype == "base" else cfg.adapter_dtype
+
+
+def no_persistent_gradients(ctx: Any) -> int:
+    """Bytes of activation gradients a layer's backward leaves alive until the end of backward: none."""
+    return 0

@@ -129,16 +129,17 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     head_grads = int(head_grads * DTYPE_BYTES[train.param_dtype]) if hooks.trains_base else 0
     top_grads = head_grads + rest.backward_peak_param_grad_bytes
     bottom_grads = head_grads + (n - 1) * rest.param_grad_bytes + first.backward_peak_param_grad_bytes
+    kept_grads = (n - 1) * hooks.persistent_gradient_bytes(ctx)  # left alive by the layers above
     if train.gradient_checkpointing:
         ckpt = act.checkpoint_saved_bytes(ctx)
         recompute = n * ckpt + rest.forward_peak_bytes + act.incoming_gradient_bytes(ctx)
         top = max(n * ckpt + rest.backward_peak_bytes, recompute)
-        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads), (ckpt + first.backward_peak_bytes, 0, bottom_grads)]
+        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads), (ckpt + kept_grads + first.backward_peak_bytes, 0, bottom_grads)]
     below_top = first.saved_bytes + (n - 2) * rest.saved_bytes if n > 1 else 0
     # The top layer's own forward (its temporaries on top of everything saved below) can exceed both.
     top = max(below_top + rest.backward_peak_bytes, below_top + rest.forward_peak_bytes)
     return [(first.saved_bytes + (n - 1) * rest.saved_bytes + head, logits_bwd, 0),
-            (top, 0, top_grads), (first.backward_peak_bytes, 0, bottom_grads)]
+            (top, 0, top_grads), (kept_grads + first.backward_peak_bytes, 0, bottom_grads)]
 
 
 def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:

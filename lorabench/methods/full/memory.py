@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.memory.method_terms import base_linear as linear
 from lorabench.memory.method_terms import identity as after_sublayer
 from lorabench.memory.method_terms import no_prefix as prefix_tokens

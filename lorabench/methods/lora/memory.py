@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.memory.method_terms import adapter_dtype, base_linear, frozen_storage, is_target
 from lorabench.memory.method_terms import identity as after_sublayer
 from lorabench.memory.method_terms import no_prefix as prefix_tokens

@@ -8,12 +8,14 @@ Attention runs over V + T keys.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lorabench.memory.method_terms import adapter_dtype
 from lorabench.memory.method_terms import base_linear as linear
 from lorabench.memory.method_terms import frozen_storage
 from lorabench.memory.method_terms import identity as after_sublayer
 from lorabench.methods.prefix.config import PrefixConfig
-from lorabench.specs import ModelSpec, TrainSpec
+from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 
 __all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
            "token_dim"]
@@ -46,3 +48,12 @@ def storage(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> tuple[int,
 
 def prefix_tokens(cfg: PrefixConfig) -> int:
     return cfg.num_virtual_tokens
+
+
+def persistent_gradient_bytes(ctx: Any) -> int:
+    """Gradient of each layer's concatenated K and V: the cat's backward hands the prefix a *slice* of it,
+    and the slice keeps the whole (b, kv_heads, V+T, head_dim) storage alive until the prefix encoder's
+    backward runs at the very end (observed in the trace; the same holds for PEFT's past_key_values)."""
+    m, t = ctx.model, ctx.train
+    e = DTYPE_BYTES[t.compute_dtype]
+    return int(2 * t.micro_batch_size * m.num_kv_heads * (t.seq_len + ctx.method.num_virtual_tokens) * m.head_dim * e)
