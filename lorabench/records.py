@@ -283,8 +283,8 @@ def git_state() -> tuple[str, bool]:
     look dirty.
     """
     commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return "unknown", True
+    if commit is None:  # e.g. a copy of the tree on a GPU machine: the campaign exports the commit
+        return os.environ.get("LORABENCH_GIT_COMMIT", "unknown"), True
     status = _git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)reports")
     return commit.strip(), status is None or bool(status.strip())
 

@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from lorabench import records
-from lorabench.catalog import load_gpu, load_model
 from lorabench.memory import planner
 from lorabench.methods import make_config
 from lorabench.specs import OptimizerSpec, TrainSpec
@@ -55,7 +54,8 @@ def guard_failures(recs: list[dict[str, Any]]) -> list[str]:
     failures = []
     for gpu, result in calibrate.check(recs).items():
         if not (ROOT / "conf" / "calibration" / f"{gpu}.yaml").is_file():
-            failures.append(f"{gpu}: GPU records committed but no conf/calibration/{gpu}.yaml (run scripts/calibrate.py)")
+            failures.append(f"{gpu}: GPU records committed but no conf/calibration/{gpu}.yaml "
+                            "(run scripts/calibrate.py)")
         failures += result.failures()
     return failures
 
@@ -141,8 +141,27 @@ def test_split_is_deterministic_and_about_half() -> None:
 
 def test_overhead_formula_replicates_the_planner_with_the_committed_calibration() -> None:
     committed = calibrate.Calibration.from_mapping(planner.calibration(GPU))
-    for config in (fixture_config("llama-2-7b", "qlora", 4, 2048, False), fixture_config("qwen2.5-0.5b", "full", 1, 512, True)):
+    for config in (fixture_config("llama-2-7b", "qlora", 4, 2048, False),
+                   fixture_config("qwen2.5-0.5b", "full", 1, 512, True)):
         assert calibrate.predicted_levels(config, committed) == calibrate.predicted_levels(config, None)
+
+
+@pytest.mark.parametrize("overrides", [["model=qwen2.5-0.5b", "method=qlora", "train.micro_batch_size=4"],
+                                       ["model=llama-3.2-1b", "method=prefix", "train.gradient_checkpointing=true"],
+                                       ["model=tiny-llama", "method=adapters", "model.hf_config.num_hidden_layers=3"]])
+def test_record_config_rebuilds_the_runners_specs(overrides: list[str]) -> None:
+    """The guard's config -> specs path predicts exactly what the sweep parent predicted for that job."""
+    from hydra import compose, initialize_config_dir
+
+    from lorabench.sweep import CONF_DIR, build_specs, record_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=["sweep=gpu-validate", "device=cuda", *overrides])
+    specs = build_specs(cfg)
+    config = record_config(cfg, specs, "cuda")
+    pred = planner.predict(specs.model, specs.method, specs.train, specs.gpu)
+    assert calibrate.predicted_levels(config, None) == {"allocated": pred.peak_allocated_bytes,
+                                                         "reserved": pred.reserved_bytes, "device": pred.device_bytes}
 
 
 def test_fit_recovers_the_fixture_overheads() -> None:
@@ -205,6 +224,8 @@ def test_calibrate_cli_writes_provenance_from_the_records(tmp_path: Path, capsys
     assert "2001-02-03" in doc["source"] and "f1x7ure00000" in doc["source"] and str(path) in doc["source"]
     assert doc["fit"]["records_dates"] == "2001-02-03" and doc["fit"]["runs_fit"] + doc["fit"]["runs_heldout"] == 48
     assert doc["fit"]["probe_verdicts_right"] == doc["fit"]["probes"] == 8
+    residual = doc["fit"]["allocated_residual_bytes"]  # the fixture's allocated errors are within +-0.5 %
+    assert residual["p25"] <= residual["median"] <= residual["p75"] and abs(residual["median"]) < 64 << 20
     assert "targets met" in capsys.readouterr().out
 
 

@@ -148,7 +148,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     out["reserved_pred"] = num(df, "predicted.reserved_bytes")
     out["reserved_meas"] = num(df, "measured.torch_max_reserved_bytes")
     out["device_pred"] = num(df, "predicted.device_bytes")
-    out["device_meas"] = num(df, "measured.nvml_peak_used_bytes") - num(df, "measured.nvml_baseline_bytes")
+    # The NVML sampler records the peak already minus the pre-run baseline (runtime/probe.py).
+    out["device_meas"] = num(df, "measured.nvml_peak_used_bytes")
     for level in LEVELS:
         out[f"{level}_err"] = _rel_err(out[f"{level}_pred"], out[f"{level}_meas"], ok)
     out["traced_pred"] = num(df, "traced.peak_bytes")
