@@ -29,8 +29,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorabench plan --model 70b --method qlora
 	$(BIN)/lorabench compare --model 7b
-	$(BIN)/lorabench run -m sweep=cpu-smoke
-	$(BIN)/lorabench report results/cpu-smoke
+	$(BIN)/lorabench run -m sweep=cpu-smoke results_dir=results/_scratch
+	$(BIN)/lorabench report results/_scratch/cpu-smoke --out reports/_scratch/cpu-smoke
 
 plan-bench: $(STAMP)
 	$(BIN)/python scripts/bench_plan_startup.py
