@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     for name in PLANNER_COMPONENTS:
         row = {"component": name, "GiB": gib(pred.components[name], 3)}
         if traced is not None:
-            row["traced GiB"] = gib(traced.get(name, 0), 3) if name in traced else ""
+            # The tracker cannot tell logits from other activations: one traced number covers both rows.
+            row["traced GiB"] = (gib(traced[name], 3) + (" (activations + logits)" if name == "activations" else "")
+                                 if name in traced else ("in activations" if name == "logits" else ""))
         rows.append(row)
     total = {"component": "total (device)", "GiB": gib(pred.device_bytes, 3)}
     if traced is not None:
