@@ -126,18 +126,23 @@ def _mlp_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
 
 
 def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
-    """Mixtral: router logits + top-k; each token's hidden state visits k experts (gate_up, silu, down).
+    """Mixtral (transformers >= 5, grouped-mm experts): router softmax, then each token visits k experts.
 
-    Approximation (documented): expert activations scale with tokens * experts_per_token.
+    Saved (checked against the trace): the router's fp32 softmax (T x E), the experts' gate_up output
+    (T*k x 2I; silu and the product keep views of it), silu's output (T*k x I) and the down output (T*k x h,
+    saved by the multiplication with the routing weights); with trainable experts also the routed inputs
+    (T*k x h) and the product (T*k x I) that the grouped matmuls need for their weight gradients.
     """
     m, t = ctx.model, ctx.tokens
     k, inter, h = m.experts_per_token, m.intermediate_size, m.hidden_size
     train = ctx.train_base
     if x.requires_grad or train:
-        g.save(g.new(t * k * h, x.dtype, True))  # routed copies of the hidden states
-        for numel in (t * k * 2 * inter, t * k * inter, t * k * inter):  # gate_up out, silu out, product
+        g.save(g.new(t * m.num_experts, "fp32", True))
+        for numel in (t * k * 2 * inter, t * k * inter, t * k * h):
             g.save(g.new(numel, x.dtype, True))
-        g.save(g.new(t * m.num_experts, "fp32", True))  # router softmax
+        if train:
+            for numel in (t * k * h, t * k * inter):
+                g.save(g.new(numel, x.dtype, True))
     out = g.new(t * h, x.dtype, x.requires_grad or train)
     return g.record((x,), out)
 

@@ -22,6 +22,9 @@ MiB = 1024**2
 # positions), checkpointing off and on: 24 traces, about a minute on 2 cores.
 CASES = [(model, method, ckpt) for model in ("qwen2.5-0.5b", "gpt2") for method in METHOD_NAMES
          for ckpt in (False, True)]
+# MoE: Mixtral-8x7B's fused experts (full size, still seconds under fake tensors). bf16 only: transformers'
+# grouped-mm experts kernel takes no fp32 weights (bf16-mixed), on the CPU at least.
+CASES += [("mixtral-8x7b", method, False) for method in ("full", "lora", "ia3")]
 
 
 @pytest.mark.parametrize("model, method, ckpt", CASES)
@@ -31,7 +34,7 @@ def test_planner_within_3pct_of_trace(model: str, method: str, ckpt: bool) -> No
     spec = load_model(model)
     cfg = make_config(method)
     train = TrainSpec(micro_batch_size=2, seq_len=128, gradient_checkpointing=ckpt,
-                      precision="bf16-mixed" if method == "full" else "bf16")
+                      precision="bf16-mixed" if method == "full" and model != "mixtral-8x7b" else "bf16")
     pred = predict(spec, cfg, train)
     traced = trace(spec, cfg, train)
     err = (pred.peak_allocated_bytes - traced.peak_bytes) / traced.peak_bytes
