@@ -8,7 +8,7 @@ dict, so the two cannot drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 #: Bytes per element of the dtypes lorabench speaks about.
@@ -244,6 +244,24 @@ class TrainSpec:
     num_gpus: int = 1
     sharding: str = "none"
     master_weights: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """The run record's ``config.train``: every field, the optimizer as its name."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["optimizer"] = self.optimizer.name
+        return out
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> "TrainSpec":
+        """Inverse of :meth:`to_record`; keys that are not fields (e.g. ``lr``) and None values are ignored."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+        if isinstance(kwargs.get("optimizer"), str):
+            kwargs["optimizer"] = OptimizerSpec(kwargs["optimizer"])
+        for key in ("micro_batch_size", "seq_len", "grad_accum_steps", "num_gpus"):
+            if key in kwargs:
+                kwargs[key] = int(kwargs[key])
+        return cls(**kwargs)
 
     @property
     def tokens_per_step(self) -> int:

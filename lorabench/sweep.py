@@ -79,13 +79,6 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     return JobSpecs(model=model, method=method, train=train, gpu=gpu, hf_overrides=overrides)
 
 
-def train_dict(train: Any) -> dict[str, Any]:
-    """TrainSpec as a plain dict, the optimizer as its name (the record format)."""
-    out = {f.name: getattr(train, f.name) for f in dataclasses.fields(train)}
-    out["optimizer"] = train.optimizer.name
-    return out
-
-
 def record_config(cfg: DictConfig, specs: JobSpecs, device: str) -> dict[str, Any]:
     """The record's ``config`` block: everything that defines the run (and hence its run_id).
 
@@ -95,7 +88,7 @@ def record_config(cfg: DictConfig, specs: JobSpecs, device: str) -> dict[str, An
     config: dict[str, Any] = {
         "model": specs.model.name,
         "method": specs.method.to_dict(),
-        "train": train_dict(specs.train),
+        "train": specs.train.to_record(),
         "device": device,
         "gpu": specs.gpu.name if specs.gpu else None,
         "memory_cap_bytes": None if cfg.memory_cap_bytes is None else int(cfg.memory_cap_bytes),

@@ -75,11 +75,10 @@ GPU = "h100-80gb"
 
 def fixture_config(model: str, method: str, mbs: int, seq: int, ckpt: bool, cap: int | None = None) -> dict[str, Any]:
     """A record ``config`` block as the sweep writes it (lorabench.sweep.record_config)."""
-    from lorabench.sweep import train_dict
 
     train = TrainSpec(micro_batch_size=mbs, seq_len=seq, precision="bf16", gradient_checkpointing=ckpt,
                       optimizer=OptimizerSpec("adamw"))
-    return {"model": model, "method": make_config(method, {}).to_dict(), "train": train_dict(train),
+    return {"model": model, "method": make_config(method, {}).to_dict(), "train": train.to_record(),
             "device": "cuda", "gpu": GPU, "memory_cap_bytes": cap, "warmup_steps": 3, "timed_steps": 10, "seed": 0}
 
 

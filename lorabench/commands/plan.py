@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
-
 from lorabench.catalog import all_gpus
 from lorabench.commands.common import add_format_arg, add_plan_args, gpu_from_args, specs_from_args
-from lorabench.memory.categories import PLANNER_COMPONENTS
+from lorabench.memory.categories import PLANNER_COMPONENTS, TRACE_TO_PLANNER
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.render import render
 from lorabench.units import gib, human_count
@@ -53,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             f"{' ckpt' if train.gradient_checkpointing else ''} {train.optimizer.name}"
             f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''} | peak in {pred.phase}")
     if args.format == "json":
-        extra = {"model": model.name, "method": method.to_dict(), "train": _train_dict(train),
+        extra = {"model": model.name, "method": method.to_dict(), "train": train.to_record(),
                  "prediction": pred.to_dict(), "verdicts": verdicts}
         if traced is not None:
             extra["traced"] = traced
@@ -78,18 +76,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_dict(train) -> dict:  # type: ignore[no-untyped-def]
-    d = asdict(train)
-    d["optimizer"] = train.optimizer.name
-    return d
-
-
 def _trace(model, method, train) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Planner-component view of a trace: tracker categories placed on the component they measure."""
     from lorabench.runtime.trace import trace
 
-    result = trace(model, method, train)
-    comps = result.components if hasattr(result, "components") else result["components"]
-    return {"weights": comps.get("weights_frozen", 0), "quantized_weights": comps.get("quantized", 0),
-            "trainable": comps.get("weights_trainable", 0), "gradients": comps.get("gradients", 0),
-            "optimizer": comps.get("optimizer", 0), "activations": comps.get("activations", 0)}
+    return {TRACE_TO_PLANNER[cat]: n for cat, n in trace(model, method, train).components.items()}

@@ -37,6 +37,12 @@ class LayerCtx:
         return self.train.seq_len
 
 
+def layer_ctx(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any) -> LayerCtx:
+    """The context of one GPU's micro-batch for a method's estimator hooks."""
+    return LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
+                    param_dtype=train.param_dtype, train_base=hooks.trains_base)
+
+
 def _matrix(model: ModelSpec, leaf_name: str) -> MatrixSpec:
     for m in model.matrices:
         if m.name == leaf_name:
@@ -218,8 +224,8 @@ def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
     return g.saved_bytes
 
 
-def logits_bytes(ctx: LayerCtx) -> tuple[int, int]:
-    """(forward-saved, backward-peak) bytes of the logits and cross-entropy, per transformers' ForCausalLMLoss.
+def logits_peak_bytes(ctx: LayerCtx) -> int:
+    """Peak bytes of the logits and cross-entropy during backward, per transformers' ForCausalLMLoss.
 
     Everything here is reported as the planner's ``logits`` component.
 
@@ -234,5 +240,4 @@ def logits_bytes(ctx: LayerCtx) -> tuple[int, int]:
     saved = 4 * tv
     if ctx.model.hf_config.get("final_logit_softcapping"):
         saved += 4 * tv if e == 4 else 2 * tv
-    backward_peak = saved + 2 * 4 * tv
-    return int(saved), int(backward_peak)
+    return int(saved + 2 * 4 * tv)

@@ -45,6 +45,11 @@ PLANNER_TO_TRACE: dict[str, str | None] = {
     "allocator_slack": None,
 }
 
+#: The planner component each tracker category is shown beside (the first that maps to it).
+TRACE_TO_PLANNER: dict[str, str] = {
+    cat: next(c for c in PLANNER_COMPONENTS if PLANNER_TO_TRACE[c] == cat) for cat in TRACE_CATEGORIES
+}
+
 #: Components that are tensor bytes (the 'allocated' reconciliation level).
 TENSOR_COMPONENTS: tuple[str, ...] = tuple(c for c, t in PLANNER_TO_TRACE.items() if t is not None)
 

@@ -47,8 +47,7 @@ def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec
     """Per-layer saved bytes from the symbolic walk, with the numbers filled in."""
     from lorabench.memory import activations as act
 
-    ctx = act.LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
-                       param_dtype=train.param_dtype, train_base=hooks.trains_base)  # type: ignore[attr-defined]
+    ctx = act.layer_ctx(model, method, train, hooks)
     first = act.layer_memory(ctx, hooks.trains_base)  # type: ignore[attr-defined]
     rest = act.layer_memory(ctx, first.output_requires_grad)
     mib = 1024**2

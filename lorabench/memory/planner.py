@@ -117,12 +117,11 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
        gradient already waiting at its output.
     Between 2 and 3 live bytes change linearly layer by layer, so the extremes bound every layer.
     """
-    ctx = act.LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
-                       param_dtype=train.param_dtype, train_base=hooks.trains_base)
+    ctx = act.layer_ctx(model, method, train, hooks)
     first = act.layer_memory(ctx, hooks.trains_base)  # trainable embeddings make every hidden state need grad
     rest = act.layer_memory(ctx, first.output_requires_grad) if model.num_layers > 1 else first
     head = act.head_saved_bytes(ctx, rest.output_requires_grad)
-    logits_saved, logits_bwd = act.logits_bytes(ctx)
+    logits_bwd = act.logits_peak_bytes(ctx)
     n = model.num_layers
     # When the top layer's backward runs, the head's parameter gradients already exist (full FT).
     head_grads = (model.lm_head_params or model.vocab_size * model.hidden_size) + model.final_norm_params

@@ -8,38 +8,18 @@ pandas only when a records frame is passed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from lorabench.methods import METHOD_NAMES, make_config
-from lorabench.specs import GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
+from lorabench.specs import GpuSpec, ModelSpec, TrainSpec
 
 #: Keys of each decision row, in table order.
 DECISION_KEYS: tuple[str, ...] = (
     "method", "fits", "headroom_bytes", "max_micro_batch", "peak_allocated_bytes", "device_bytes",
     "trainable_params", "total_params", "trainable_fraction", "tokens_per_s",
 )
-
-
-def train_to_dict(train: TrainSpec) -> dict[str, Any]:
-    """A TrainSpec as the run record stores it (``config.train``): its fields, the optimizer as its name."""
-    out = dataclasses.asdict(train)
-    out["optimizer"] = train.optimizer.name
-    return out
-
-
-def train_from_dict(values: Mapping[str, Any]) -> TrainSpec:
-    """The TrainSpec of a record's ``config.train`` (keys that are not TrainSpec fields, e.g. ``lr``, are ignored)."""
-    names = {f.name for f in dataclasses.fields(TrainSpec)}
-    kwargs = {k: v for k, v in values.items() if k in names and v is not None}
-    if isinstance(kwargs.get("optimizer"), str):
-        kwargs["optimizer"] = OptimizerSpec(kwargs["optimizer"])
-    for key in ("micro_batch_size", "seq_len", "grad_accum_steps", "num_gpus"):
-        if key in kwargs:
-            kwargs[key] = int(kwargs[key])
-    return TrainSpec(**kwargs)
 
 
 def _is_missing(value: Any) -> bool:
@@ -51,7 +31,7 @@ def _measured_tokens_per_s(records_df: Any, model: ModelSpec, method: str, train
     if records_df is None or len(records_df) == 0:
         return None
     wanted_method = make_config(method).to_dict()
-    wanted_train = train_to_dict(train)
+    wanted_train = train.to_record()
     speeds = []
     for _, row in records_df.iterrows():
         if row.get("status") != "ok" or row.get("config.model") != model.name:
@@ -184,7 +164,7 @@ def representative_train(records_df: Any, model_name: str) -> TrainSpec | None:
         return (-item[1], t.get("micro_batch_size", 0), t.get("seq_len", 0),
                 bool(t.get("gradient_checkpointing")), item[0])
 
-    return train_from_dict(json.loads(sorted(counts.items(), key=rank)[0][0]))
+    return TrainSpec.from_record(json.loads(sorted(counts.items(), key=rank)[0][0]))
 
 
 def _plain(value: Any) -> Any:

@@ -106,15 +106,13 @@ def specs_from_config(payload: dict[str, Any]) -> tuple[Any, Any, Any]:
     """(ModelSpec, MethodConfig, TrainSpec) from the payload, exactly as the parent composed them."""
     from lorabench.architectures import spec_from_hf_config
     from lorabench.methods import make_config
-    from lorabench.specs import OptimizerSpec, TrainSpec
+    from lorabench.specs import TrainSpec
 
     config = payload["config"]
     spec = spec_from_hf_config(payload["hf_config"], name=config["model"])
     knobs = {k: v for k, v in config["method"].items() if k != "method"}
     method = make_config(config["method"]["method"], knobs)
-    train_fields = {k: v for k, v in config["train"].items() if k != "optimizer"}
-    train = TrainSpec(**train_fields, optimizer=OptimizerSpec(config["train"]["optimizer"]))
-    return spec, method, train
+    return spec, method, TrainSpec.from_record(config["train"])
 
 
 def capped_tracker(cap_bytes: int | None) -> Any:

@@ -361,10 +361,11 @@ def test_decision_table_matches_planner(tmp_path: Path) -> None:
     from lorabench.memory import planner
     from lorabench.methods import METHOD_NAMES, make_config
     from lorabench.records import load
-    from lorabench.report.decide import DECISION_KEYS, decision_table, train_from_dict
+    from lorabench.report.decide import DECISION_KEYS, decision_table
+    from lorabench.specs import TrainSpec
 
     model, gpu = load_model("llama-2-7b"), load_gpu("h100")
-    train = train_from_dict(_train(1, 512, False))
+    train = TrainSpec.from_record(_train(1, 512, False))
     records = [make_record("llama-2-7b", _method(m), _train(1, 512, False), components={"weights": GIB}, seed=seed,
                            measured={"torch_max_allocated_bytes": GIB, "tokens_per_s": speed})
                for m, speed, seed in (("lora", 1000.0, 0), ("lora", 3000.0, 1), ("qlora", 700.0, 0))]
@@ -431,10 +432,11 @@ def test_decision_table_accepts_a_train_per_method() -> None:
     from lorabench.catalog import load_gpu, load_model
     from lorabench.memory import planner
     from lorabench.methods import make_config
-    from lorabench.report.decide import decision_table, train_from_dict
+    from lorabench.report.decide import decision_table
+    from lorabench.specs import TrainSpec
 
     model, gpu = load_model("llama-3.2-1b"), load_gpu("a100-40gb")
-    trains = {m: train_from_dict(_train(1, 512, False, "bf16-mixed" if m == "full" else "bf16"))
+    trains = {m: TrainSpec.from_record(_train(1, 512, False, "bf16-mixed" if m == "full" else "bf16"))
               for m in ("full", "lora", "qlora", "prefix", "adapters", "ia3")}
     rows = decision_table(model, gpu, trains.__getitem__)
     full = next(r for r in rows if r["method"] == "full")
