@@ -42,6 +42,12 @@ def _gpu_docs() -> dict[str, dict[str, Any]]:
     return {p.stem: _load_yaml(p) for p in sorted((CONF_DIR / "gpu").glob("*.yaml"))}
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_docs() -> dict[str, dict[str, Any]]:
+    """Measured CPU entries (scripts/bench_cpu_device.py writes them), resolvable like GPUs."""
+    return {p.stem: _load_yaml(p) for p in sorted((CONF_DIR / "cpu").glob("*.yaml"))}
+
+
 def _alias_map(docs: dict[str, dict[str, Any]]) -> dict[str, str]:
     names: dict[str, str] = {}
     for name, doc in docs.items():
@@ -102,13 +108,26 @@ def gpu_names() -> list[str]:
 
 
 def load_gpu(name: str) -> GpuSpec:
-    """Resolve a GPU catalog name or alias (``h100``)."""
-    docs = _gpu_docs()
+    """Resolve a GPU catalog name or alias (``h100``), or a measured CPU entry from conf/cpu/."""
+    docs = {**_gpu_docs(), **_cpu_docs()}
     aliases = _alias_map(docs)
     if name.strip().lower() not in aliases:
         raise suggest(name, list(aliases), "GPU")
     key = aliases[name.strip().lower()]
-    doc = docs[key]
+    return gpu_from_doc(key, docs[key])
+
+
+_GPU_FLOAT_FIELDS = ("fp16_flops_per_s", "fp32_flops_per_s", "interconnect_bidirectional_bytes_per_s",
+                     "pcie_bidirectional_bytes_per_s", "usd_per_hour")
+_GPU_STR_FIELDS = ("interconnect", "price_date", "price_source", "spec_source", "kind")
+
+
+def gpu_from_doc(key: str, doc: dict[str, Any]) -> GpuSpec:
+    """A GpuSpec from one catalog YAML document (optional fields keep the dataclass defaults)."""
+    extra: dict[str, Any] = {f: float(doc[f]) for f in _GPU_FLOAT_FIELDS if doc.get(f) is not None}
+    extra.update({f: str(doc[f]) for f in _GPU_STR_FIELDS if doc.get(f) is not None})
+    if doc.get("nvlink_domain_gpus") is not None:
+        extra["nvlink_domain_gpus"] = int(doc["nvlink_domain_gpus"])
     return GpuSpec(
         name=key,
         memory_bytes=int(doc["memory_bytes"]),
@@ -116,6 +135,7 @@ def load_gpu(name: str) -> GpuSpec:
         memory_bandwidth_bytes_per_s=float(doc["memory_bandwidth_bytes_per_s"]),
         display=str(doc.get("display", key)),
         aliases=tuple(str(a) for a in doc.get("aliases") or []),
+        **extra,
     )
 
 

@@ -159,14 +159,29 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """An accelerator from conf/gpu/*.yaml.
+    """An accelerator from conf/gpu/*.yaml (or the measured CPU entry in conf/cpu/*.yaml).
+
+    Every number is cited in docs/SOURCES.md under the entry's ``spec_source`` / ``price_source`` key.
 
     Attributes:
         name: catalog name (``h100-80gb``).
         memory_bytes: usable device memory as the driver reports it (total, before the CUDA context).
-        bf16_flops_per_s: dense bf16 tensor-core peak (no sparsity), for MFU.
+        bf16_flops_per_s: dense bf16 tensor-core peak with FP32 accumulate (no sparsity), for MFU.
         memory_bandwidth_bytes_per_s: HBM/GDDR bandwidth.
         display: human name.
+        aliases: other names the catalog resolves.
+        fp16_flops_per_s: dense fp16 tensor peak with FP32 accumulate (what torch's matmuls use);
+            0 means "same as bf16".
+        fp32_flops_per_s: fp32 peak without TF32 (torch's default matmul precision); 0 means unknown.
+        interconnect: link name (``nvlink4``, ``nvlink3-bridge``, ``pcie4``...).
+        interconnect_bidirectional_bytes_per_s: GPU-to-GPU bandwidth per GPU as the vendor quotes it
+            (both directions together; one direction carries half).
+        pcie_bidirectional_bytes_per_s: the host link, used beyond the NVLink domain.
+        nvlink_domain_gpus: GPUs one NVLink domain joins (8 on HGX boards, 2 with a bridge, 1 without).
+        usd_per_hour: an on-demand price for one GPU (0 = none known), dated by ``price_date``.
+        price_date: ISO date the price was listed.
+        price_source, spec_source: keys of the entries in docs/SOURCES.md.
+        kind: ``gpu``, or ``cpu`` for a measured CPU entry.
     """
 
     name: str
@@ -175,6 +190,36 @@ class GpuSpec:
     memory_bandwidth_bytes_per_s: float
     display: str = ""
     aliases: tuple[str, ...] = ()
+    fp16_flops_per_s: float = 0.0
+    fp32_flops_per_s: float = 0.0
+    interconnect: str = "pcie4"
+    interconnect_bidirectional_bytes_per_s: float = 64e9
+    pcie_bidirectional_bytes_per_s: float = 64e9
+    nvlink_domain_gpus: int = 1
+    usd_per_hour: float = 0.0
+    price_date: str = ""
+    price_source: str = ""
+    spec_source: str = ""
+    kind: str = "gpu"
+
+    def peak_flops_per_s(self, compute_dtype: str) -> float:
+        """Dense matmul peak for a compute dtype (``bf16``, ``fp16``, ``fp32``).
+
+        fp32 falls back to bf16/16 when the entry has no fp32 figure (the tensor/CUDA-core ratio of
+        A100/H100, 312/19.5 and 989/67, is ~15-16).
+        """
+        if compute_dtype == "fp16":
+            return self.fp16_flops_per_s or self.bf16_flops_per_s
+        if compute_dtype == "fp32":
+            return self.fp32_flops_per_s or self.bf16_flops_per_s / 16
+        return self.bf16_flops_per_s
+
+    def link_bytes_per_s(self, num_gpus: int) -> float:
+        """One-direction bandwidth per GPU for collectives over ``num_gpus``: NVLink inside its domain,
+        else PCIe (the slowest link of a ring sets its speed)."""
+        bidir = (self.interconnect_bidirectional_bytes_per_s if num_gpus <= self.nvlink_domain_gpus
+                 else self.pcie_bidirectional_bytes_per_s)
+        return bidir / 2
 
 
 @dataclass(frozen=True)
