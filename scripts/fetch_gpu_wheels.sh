@@ -6,7 +6,7 @@
 #   bash scripts/fetch_gpu_wheels.sh               # bitsandbytes slimmed to its CUDA 13 libraries
 #   BNB_KEEP_CUDA=all bash scripts/fetch_gpu_wheels.sh   # the bitsandbytes wheel exactly as PyPI serves it
 #
-# What the image lacks (/work/shared/REFERENCE.md, .library/device/KINDS.md): bitsandbytes, hydra-core, omegaconf
+# What the image lacks (docs/SOURCES.md#gpu-image): bitsandbytes, hydra-core, omegaconf
 # and omegaconf's antlr4-python3-runtime. PyYAML, packaging, numpy, torch (2.11.0+cu130), transformers, pandas,
 # matplotlib, tabulate and nvidia-ml-py are there. hydra-joblib-launcher is NOT fetched: GPU jobs must run one at a
 # time (NVML's device-level peak sees every process on the GPU), so the campaign uses Hydra's basic launcher.

@@ -43,7 +43,7 @@ def test_plan_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_explain_and_csv(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["plan", "--model", "7b", "--method", "qlora", "--explain"], capsys)
-    assert code == 0 and "Dettmers" in out
+    assert code == 0 and "Dettmers" in out and "docs/SOURCES.md#nf4" in out
     code, out, _ = _run(["plan", "--model", "7b", "--method", "full", "--format", "csv"], capsys)
     assert out.splitlines()[0] == "component,GiB"
 

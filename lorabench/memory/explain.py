@@ -8,6 +8,10 @@ from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.units import gib
 
 
+# docs/SOURCES.md anchors of each method's trainable-parameter formula.
+_METHOD_ANCHOR = {"lora": "lora", "qlora": "qlora", "prefix": "prefix", "adapters": "houlsby", "ia3": "ia3"}
+
+
 def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Prediction) -> list[dict[str, str]]:
     """Rows of (component, formula with numbers, GiB, source)."""
     hooks = memory_module(method.name)
@@ -21,26 +25,35 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
     state_b = train.optimizer.state_bytes_per_element or tb
     rows = [
         ("weights", f"frozen params {model.total_params - _quantized(model, method):,} x {pb:g} B ({train.param_dtype})"
-         if method.name != "full" else "0 (every weight is trainable)", "parameter count from the HF config"),
+         if method.name != "full" else "0 (every weight is trainable)", "parameter count from the HF config (transformers on meta, tests/test_catalog.py)"),
         ("quantized_weights", "per matrix: ceil(n/2) codes + ceil(n/64) absmax codes + 4 ceil(n/64/256) + 4 B"
-         if method.name == "qlora" else "0 (no 4-bit weights)", "QLoRA (Dettmers et al. 2023) Sec. 3; bitsandbytes"),
-        ("trainable", f"{n:,} trainable x {tb:g} B ({t_dtype}){shard}", "method's trainable-parameter formula"),
+         if method.name == "qlora" else "0 (no 4-bit weights)", "NF4 + double quant, Dettmers et al. 2023 Sec. 3 (docs/SOURCES.md#nf4)"),
+        ("trainable", f"{n:,} trainable x {tb:g} B ({t_dtype}){shard}", _trainable_source(method.name)),
         ("gradients", f"{n:,} x {tb:g} B at the {pred.phase} peak" if c['gradients'] else
-         "0: no gradient exists yet at the peak (start of backward)", "grads have the param dtype"),
+         "0: no gradient exists yet at the peak (start of backward)", "a gradient has its parameter's dtype (docs/SOURCES.md#derivatives-yaml)"),
         ("optimizer", f"{train.optimizer.states_per_param} states x {n:,} x {state_b:g} B ({train.optimizer.name}){shard}",
-         "AdamW keeps m and v (Loshchilov & Hutter 2019); 8-bit: Dettmers et al. 2022"),
+         "AdamW keeps m and v, Loshchilov & Hutter 2019 (docs/SOURCES.md#adamw); 8-bit: docs/SOURCES.md#bnb-8bit-optim"),
         ("master_weights", f"4 B x {n:,}" if c["master_weights"] else "0 (no separate fp32 master copy)",
-         "mixed precision (Micikevicius et al. 2018)"),
+         "mixed precision, Micikevicius et al. 2018 (docs/SOURCES.md#mixed-precision)"),
         ("activations", _activation_formula(model, method, train, hooks),
-         "symbolic autograd walk of the layer (lorabench.memory.activations), derivatives.yaml save rules"),
+         "symbolic autograd walk of the layer (lorabench.memory.activations), save rules: docs/SOURCES.md#derivatives-yaml"),
         ("logits", f"log_softmax fp32 b*s*V = {b}x{s}x{v} x 4 B, + 2 gradient buffers in backward",
-         "transformers ForCausalLMLoss (logits.float())"),
-        ("cuda_context", f"{calibration()['cuda_context_bytes']:,} B", str(calibration()["source"])),
+         "transformers ForCausalLMLoss upcasts logits (docs/SOURCES.md#hf-loss)"),
+        ("cuda_context", f"{calibration()['cuda_context_bytes']:,} B",
+         f"{calibration()['source']} (docs/SOURCES.md#cuda-context)"),
         ("allocator_slack", f"max({calibration()['allocator_slack_fraction']} x allocated, "
-         f"{calibration()['allocator_slack_min_bytes']:,} B)", str(calibration()["source"])),
+         f"{calibration()['allocator_slack_min_bytes']:,} B)",
+         f"{calibration()['source']} (docs/SOURCES.md#allocator)"),
     ]
     return [{"component": name, "formula": formula, "GiB": gib(c[name], 3), "source": src}
             for name, formula, src in rows]
+
+
+def _trainable_source(method_name: str) -> str:
+    anchor = _METHOD_ANCHOR.get(method_name)
+    if anchor is None:
+        return "every parameter of the model trains"
+    return f"{method_name} trainable-parameter formula (docs/SOURCES.md#{anchor})"
 
 
 def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: object) -> str:
