@@ -236,11 +236,26 @@ def fallback_environment(device: str) -> dict[str, Any]:
         return {"device_name": "unknown", "error": f"{type(err).__name__}: {err}"}
 
 
-def runnable(specs: JobSpecs) -> str | None:
-    """Why the single-process runner cannot measure this config (None when it can)."""
+def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
+    """Why the single-process runner cannot measure this config on ``device`` (None when it can)."""
     if specs.train.num_gpus != 1 or specs.train.sharding != "none":
         return (f"the runner measures one device; num_gpus={specs.train.num_gpus} sharding={specs.train.sharding} "
                 "can be planned (lorabench plan) but not run here")
+    return bnb_cpu_problem(specs, device)
+
+
+def bnb_cpu_problem(specs: JobSpecs, device: str) -> str | None:
+    """The qlora bitsandbytes backend on the CPU with a quantized linear whose rows bitsandbytes' CPU kernels
+    get wrong (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`): refused before anything runs."""
+    from lorabench.quant.sizes import bnb_cpu_row_problem
+
+    method = specs.method
+    if device != "cpu" or method.name != "qlora" or getattr(method, "backend", "") != "bitsandbytes":
+        return None
+    for matrix in specs.model.quantized_matrices():
+        problem = bnb_cpu_row_problem(matrix.in_features, method.blocksize)
+        if problem:
+            return f"{problem} ({specs.model.name} {matrix.name}); use method.backend=lorabench, or device=cuda"
     return None
 
 
@@ -293,7 +308,7 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
             predicted = predicted_block(specs, device, config["memory_cap_bytes"])
         except Exception as err:  # the planner may not cover a combination; the run still tells the truth
             errors.append(f"planner: {type(err).__name__}: {err}")
-    problem = runnable(specs) if specs is not None else None
+    problem = runnable(specs, device) if specs is not None else None
     if specs is None or problem:
         outcome = JobOutcome(status="failed", error=problem)
     else:

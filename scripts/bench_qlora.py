@@ -280,5 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _guarded_main() -> int:
+    """``main`` with a user error (e.g. a shape the bitsandbytes CPU path refuses) as one line and exit 2."""
+    from lorabench.errors import UserError
+
+    try:
+        return main()
+    except UserError as err:
+        print(f"bench_qlora: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_guarded_main())

@@ -162,3 +162,21 @@ def test_cpu_smoke_tracker_peak_within_5_percent_of_the_planner() -> None:
                 bad.add(cfg.method.name)
     print("\n".join(rows))
     assert not bad, f"planner off by more than 5% for {sorted(bad)}:\n" + "\n".join(rows)
+
+
+def test_bitsandbytes_on_the_cpu_with_rows_its_kernels_get_wrong_is_refused_before_running() -> None:
+    """tiny-llama's down_proj reads rows of 176 (not a multiple of blocksize 64): refused on the CPU whatever
+    the CPU model (bitsandbytes 0.50.2 mis-dequantizes them on AVX512 CPUs only), accepted on cuda."""
+    from lorabench.quant.sizes import bnb_cpu_row_problem
+    from lorabench.sweep import build_specs, runnable
+
+    assert bnb_cpu_row_problem(192) is None and bnb_cpu_row_problem(128, 128) is None
+    assert "rows of 176" in str(bnb_cpu_row_problem(176))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        bnb = build_specs(compose("config", overrides=["method=qlora", "method.backend=bitsandbytes"]))
+        ours = build_specs(compose("config", overrides=["method=qlora"]))
+        wide = build_specs(compose("config", overrides=["method=qlora", "method.backend=bitsandbytes",
+                                                        "model.hf_config.intermediate_size=192"]))
+    problem = runnable(bnb, "cpu")
+    assert problem and "mlp.down_proj" in problem and "method.backend=lorabench" in problem
+    assert runnable(bnb, "cuda") is None and runnable(ours, "cpu") is None and runnable(wide, "cpu") is None

@@ -138,3 +138,21 @@ def bnb_extra_bytes_per_layer(double_quant: bool = True) -> int:
         64 or 1088 bytes (tensor bytes; a caching allocator rounds each tensor up further).
     """
     return NF4_CODEBOOK_BYTES + (DYNAMIC_MAP_BYTES if double_quant else 0)
+
+
+def bnb_cpu_row_problem(in_features: int, blocksize: int = 64) -> str | None:
+    """Why bitsandbytes' CPU 4-bit path cannot be trusted for a linear with rows of ``in_features``.
+
+    bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` (``backends/cpu/ops.py`` -> ``cdequantize_blockwise_
+    cpu_nf4_*``) returns wrong values on AVX512 CPUs when a row's length is not a multiple of the block size
+    (measured on an AMD EPYC: rows of 96, 160 and 176 with blocksize 64 differ from bitsandbytes' own generic
+    ``_dequantize_4bit_compute`` by up to 1.8; docs/SOURCES.md), and correct ones elsewhere. The same config
+    is refused on every CPU, so the outcome does not depend on the CPU model (CUDA is unaffected).
+
+    Returns:
+        One line naming the problem, or None when ``in_features`` is a multiple of ``blocksize``.
+    """
+    if in_features % blocksize == 0:
+        return None
+    return (f"bitsandbytes' CPU 4-bit kernels mis-dequantize rows of {in_features} (not a multiple of "
+            f"blocksize {blocksize}) on AVX512 CPUs")

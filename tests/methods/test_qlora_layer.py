@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from lorabench.architectures import spec_from_hf_config  # noqa: E402
 from lorabench.catalog import load_model  # noqa: E402
 from lorabench.errors import UserError  # noqa: E402
 from lorabench.methods import make_config  # noqa: E402
@@ -169,8 +170,15 @@ def test_moe_and_bad_backend_are_user_errors() -> None:
 
 
 def test_bitsandbytes_backend_matches_lorabench() -> None:
+    """Compared on shapes bitsandbytes' CPU paths handle on every CPU: tiny-llama with a 192-wide MLP.
+
+    tiny-llama's own 176 is refused on the CPU (see the next test): bitsandbytes 0.50.2's native CPU
+    dequantize gets rows that are not a multiple of the block size (64) wrong on AVX512 CPUs, and its
+    AVX512-BF16 inference repacking asserts out_features % 32 == 0 (turned off by the backend,
+    ``keep_bitsandbytes_layout``). 192 is a multiple of both, so this result is the same on any x86 CPU."""
     pytest.importorskip("bitsandbytes")
-    spec = load_model("tiny-llama")
+    base = load_model("tiny-llama")
+    spec = spec_from_hf_config({**base.hf_config, "intermediate_size": 192}, name=base.name)
     ours = prepare_model(spec, make_config("qlora"), BF16, seed=0).eval()
     bnb = prepare_model(spec, make_config("qlora", {"backend": "bitsandbytes"}), BF16, seed=0).eval()
     assert sum(type(m).__name__ == "Linear4bit" and not isinstance(m, Linear4bit) for m in bnb.modules()) == 14
@@ -179,3 +187,9 @@ def test_bitsandbytes_backend_matches_lorabench() -> None:
     bnb.train()
     bnb(input_ids=IDS, labels=IDS).loss.backward()
     assert all(p.grad is not None for p in trainable_parameters(bnb))
+
+
+def test_bitsandbytes_backend_refuses_rows_its_cpu_kernels_get_wrong() -> None:
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(UserError, match="rows of 176 .*backend=lorabench"):
+        prepare_model(load_model("tiny-llama"), make_config("qlora", {"backend": "bitsandbytes"}), BF16, seed=0)

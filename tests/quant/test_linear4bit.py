@@ -176,6 +176,26 @@ def test_bnb_backend_forward_and_backward_close(bnb_backend, compute_dtype: torc
     torch.testing.assert_close(xs[1].grad, xs[0].grad, **{k: 4 * v for k, v in tol.items()})
 
 
+def test_bnb_eval_forward_takes_the_training_path_on_every_cpu(bnb_backend) -> None:  # noqa: ANN001
+    """bitsandbytes 0.50 repacks a Linear4bit's weight in place for its AVX512-BF16 CPU kernel on the first
+    eval-mode forward without grad, and asserts ``out_features % 32 == 0`` there; the backend turns that off
+    (``keep_bitsandbytes_layout``), so 176 outputs (tiny-llama's MLP) work and the weight bytes never change.
+    The flag check fails on every CPU without the fix; the forward checks fail on CPUs with AVX512-BF16."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 176).to(torch.bfloat16)
+    ours = Linear4bit.from_linear(linear, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for layer in (bnb_backend.bnb_linear4bit_from_linear(linear), bnb_backend.bnb_linear4bit_from_lorabench(ours)):
+        assert layer.support_avx512bf16_for_cpu is False
+        before = layer.weight.data.clone()
+        with torch.no_grad():
+            training_path = layer(x)
+            layer.eval()
+            eval_path = layer(x)
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(layer.weight.data, before) and torch.equal(eval_path, training_path)
+
+
 def test_bnb_state_dict_loads_into_lorabench(bnb_backend) -> None:  # noqa: ANN001
     linear = _linear(seed=3)
     theirs = bnb_backend.bnb_linear4bit_from_linear(linear, double_quant=True, compute_dtype=torch.float32)
