@@ -73,7 +73,7 @@ def keep_bitsandbytes_layout(layer: Any) -> Any:
     crash for such shapes, a different kernel (and dequantize/merge/tracker reading a re-tiled buffer)
     otherwise. lorabench uses bitsandbytes for training comparisons, where bitsandbytes never repacks
     (training mode), so the flag is cleared: every CPU then runs bitsandbytes' dequantize + matmul path,
-    the one training uses, for every shape. On CUDA the flag is never read.
+    the one training uses, for every shape. On CUDA the flag is never read (docs/SOURCES.md#bnb-cpu-kernels).
     """
     layer.support_avx512bf16_for_cpu = False
     return layer

@@ -146,8 +146,9 @@ def bnb_cpu_row_problem(in_features: int, blocksize: int = 64) -> str | None:
     bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` (``backends/cpu/ops.py`` -> ``cdequantize_blockwise_
     cpu_nf4_*``) returns wrong values on AVX512 CPUs when a row's length is not a multiple of the block size
     (measured on an AMD EPYC: rows of 96, 160 and 176 with blocksize 64 differ from bitsandbytes' own generic
-    ``_dequantize_4bit_compute`` by up to 1.8; docs/SOURCES.md), and correct ones elsewhere. The same config
-    is refused on every CPU, so the outcome does not depend on the CPU model (CUDA is unaffected).
+    ``_dequantize_4bit_compute`` by up to 1.8; docs/SOURCES.md#bnb-cpu-kernels), and correct ones elsewhere.
+    The same config is refused on every CPU, so the outcome does not depend on the CPU model (CUDA is
+    unaffected).
 
     Returns:
         One line naming the problem, or None when ``in_features`` is a multiple of ``blocksize``.

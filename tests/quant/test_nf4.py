@@ -285,3 +285,19 @@ def test_cuda_matches_cpu_bit_for_bit(double_quant: bool) -> None:
         assert torch.equal(dequantize_nf4(cpu, dtype), dequantize_nf4(cpu.to("cuda"), dtype).cpu())
         torch.testing.assert_close(dequantize_nf4(gpu, dtype).cpu(), dequantize_nf4(cpu, dtype),
                                    rtol=0.02, atol=0.02)  # fmt: skip
+
+
+@pytest.mark.parametrize("cols", [96, 160, 176, 192, 256])
+def test_every_row_width_bnb_cpu_gets_wrong_is_refused(bnbf: ModuleType, cols: int) -> None:
+    """bitsandbytes 0.50.2's native CPU dequantize mis-reads rows that are not a multiple of the block size on
+    AVX512 CPUs (docs/SOURCES.md#bnb-cpu-kernels) and reads them right elsewhere. Whatever this CPU does, a
+    width it gets wrong must be one ``bnb_cpu_row_problem`` refuses (so no result depends on the CPU)."""
+    from lorabench.quant.sizes import bnb_cpu_row_problem
+
+    torch.manual_seed(cols)
+    q = quantize_nf4(torch.randn(64, cols, dtype=torch.bfloat16), double_quant=False)
+    ours = dequantize_nf4(q, torch.bfloat16)
+    theirs = bnbf.dequantize_4bit(q.packed.view(-1, 1), _bnb_state_for(bnbf, q, torch.bfloat16))
+    if not torch.equal(ours.reshape(-1), theirs.reshape(-1)):
+        assert bnb_cpu_row_problem(cols) is not None
+    assert (bnb_cpu_row_problem(cols) is None) == (cols % 64 == 0)
