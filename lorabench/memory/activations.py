@@ -2,7 +2,7 @@
 
 The layer programs mirror transformers' modeling code (LlamaDecoderLayer and its Mistral/Qwen2/Gemma-2/
 Phi-3/Mixtral relatives, GPT2Block) op by op; :mod:`lorabench.memory.autograd` says which tensors each op
-saves. Methods plug in through their ``memory.py`` (``linear`` for the projections, ``after_sublayer``
+saves. Methods plug in through their estimator (:class:`~lorabench.methods.protocols.Estimator`: ``linear`` for the projections, ``after_sublayer``
 for bottleneck adapters, ``prefix_tokens`` for prefix tuning). Verified against the fake-tensor trace
 (``lorabench trace``), which observes the real autograd graph.
 """
@@ -13,31 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.methods.protocols import Estimator, LayerCtx
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
 
 
-@dataclass(frozen=True)
-class LayerCtx:
-    """What a layer program needs to know besides the model shape."""
-
-    model: ModelSpec
-    train: TrainSpec
-    method: Any  # the method config
-    hooks: Any  # the method's memory module
-    tokens: int
-    param_dtype: str
-    train_base: bool
-
-    @property
-    def batch(self) -> int:
-        return self.train.micro_batch_size
-
-    @property
-    def seq(self) -> int:
-        return self.train.seq_len
-
-
-def layer_ctx(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any) -> LayerCtx:
+def layer_ctx(model: ModelSpec, method: Any, train: TrainSpec, hooks: Estimator) -> LayerCtx:
     """The context of one GPU's micro-batch for a method's estimator hooks."""
     return LayerCtx(model=model, train=train, method=method, hooks=hooks, tokens=train.tokens_per_step,
                     param_dtype=train.param_dtype, train_base=hooks.trains_base)

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from lorabench.memory.planner import Prediction, calibration
-from lorabench.methods import MethodConfig, memory_module
+from lorabench.methods import MethodConfig, get as get_method
+from lorabench.methods.protocols import Estimator
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.units import gib
 
 
-# docs/SOURCES.md anchors of each method's trainable-parameter formula.
-_METHOD_ANCHOR = {"lora": "lora", "qlora": "qlora", "prefix": "prefix", "adapters": "houlsby", "ia3": "ia3"}
-
-
 def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Prediction) -> list[dict[str, str]]:
     """Rows of (component, formula with numbers, GiB, source)."""
-    hooks = memory_module(method.name)
+    hooks = get_method(method.name).estimator
     n = pred.trainable_params
     t_dtype = hooks.trainable_dtype(method, train)
     tb = DTYPE_BYTES[t_dtype]
@@ -23,11 +20,13 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
     b, s, v, L = train.micro_batch_size, train.seq_len, model.vocab_size, model.num_layers
     shard = f" / {train.num_gpus} GPUs ({train.sharding})" if train.sharding != "none" else ""
     state_b = train.optimizer.state_bytes_per_element or tb
+    quantized = hooks.quantized_params(model, method)
     rows = [
-        ("weights", f"frozen params {model.total_params - _quantized(model, method):,} x {pb:g} B ({train.param_dtype})"
-         if method.name != "full" else "0 (every weight is trainable)", "parameter count from the HF config (transformers on meta, tests/test_catalog.py)"),
+        ("weights", f"frozen params {model.total_params - quantized:,} x {pb:g} B ({train.param_dtype})"
+         if not hooks.trains_base else "0 (every weight is trainable)",
+         "parameter count from the HF config (transformers on meta, tests/test_catalog.py)"),
         ("quantized_weights", "per matrix: ceil(n/2) codes + ceil(n/64) absmax codes + 4 ceil(n/64/256) + 4 B"
-         if method.name == "qlora" else "0 (no 4-bit weights)", "NF4 + double quant, Dettmers et al. 2023 Sec. 3 (docs/SOURCES.md#nf4)"),
+         if quantized else "0 (no 4-bit weights)", "NF4 + double quant, Dettmers et al. 2023 Sec. 3 (docs/SOURCES.md#nf4)"),
         ("trainable", f"{n:,} trainable x {tb:g} B ({t_dtype}){shard}", _trainable_source(method.name)),
         ("gradients", f"{n:,} x {tb:g} B at the {pred.phase} peak" if c['gradients'] else
          "0: no gradient exists yet at the peak (start of backward)", "a gradient has its parameter's dtype (docs/SOURCES.md#derivatives-yaml)"),
@@ -50,18 +49,18 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
 
 
 def _trainable_source(method_name: str) -> str:
-    anchor = _METHOD_ANCHOR.get(method_name)
-    if anchor is None:
+    anchor = get_method(method_name).sources_anchor
+    if not anchor:
         return "every parameter of the model trains"
     return f"{method_name} trainable-parameter formula (docs/SOURCES.md#{anchor})"
 
 
-def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: object) -> str:
+def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: Estimator) -> str:
     """Per-layer saved bytes from the symbolic walk, with the numbers filled in."""
     from lorabench.memory import activations as act
 
     ctx = act.layer_ctx(model, method, train, hooks)
-    first = act.layer_memory(ctx, hooks.trains_base)  # type: ignore[attr-defined]
+    first = act.layer_memory(ctx, hooks.trains_base)
     rest = act.layer_memory(ctx, first.output_requires_grad)
     mib = 1024**2
     L = model.num_layers
@@ -71,10 +70,3 @@ def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec
     return (f"layer 0 saves {first.saved_bytes / mib:.1f} MiB + {L - 1} layers x {rest.saved_bytes / mib:.1f} MiB "
             f"(b={train.micro_batch_size}, s={train.seq_len}, {train.precision})")
 
-
-def _quantized(model: ModelSpec, method: MethodConfig) -> int:
-    if method.name != "qlora":
-        return 0
-    from lorabench.methods.qlora.memory import quantized_params
-
-    return quantized_params(model)

@@ -24,8 +24,9 @@ from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.errors import require
 from lorabench.memory import activations as act
 from lorabench.memory.categories import PLANNER_COMPONENTS
-from lorabench.methods import memory_module
+from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
+from lorabench.methods.protocols import Estimator
 from lorabench.specs import DTYPE_BYTES, GpuSpec, ModelSpec, TrainSpec
 
 SHARDINGS = ("none", "zero1", "zero2", "zero3")
@@ -104,7 +105,7 @@ def validate(model: ModelSpec, train: TrainSpec) -> None:
 
 
 def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpec,
-                         hooks: Any) -> list[tuple[int, int, int]]:
+                         hooks: Estimator) -> list[tuple[int, int, int]]:
     """(activations, logits, parameter gradients) bytes at the candidate peaks of backward.
 
     1. the loss backward: everything the forward saved + log-softmax and its two gradient buffers;
@@ -151,7 +152,7 @@ def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:
 def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSpec | None = None) -> Prediction:
     """Predict the per-GPU memory of one training step (the second, when optimizer state exists)."""
     validate(model, train)
-    hooks = memory_module(method.name)
+    hooks = get_method(method.name).estimator
     weights, quantized = hooks.storage(model, method, train)
     n_train = hooks.trainable_params(model, method)
     t_dtype = hooks.trainable_dtype(method, train)

@@ -5,14 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from lorabench.errors import require
+
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16", "base")
+
 
 @dataclass(frozen=True)
 class MethodConfig:
     """Base class of the six method configs. ``name`` is the method's name everywhere (CLI, conf, records)."""
 
     name: ClassVar[str] = ""
-    #: Keep adapter weights in fp32 even when the base model is 16-bit (PEFT's autocast_adapter_dtype=True).
     adapter_dtype: str = "fp32"
+    """dtype of the trainable adapter weights: fp32 (PEFT's autocast_adapter_dtype=True), bf16, fp16, or base
+    (the model's own dtype)."""
+
+    def __post_init__(self) -> None:
+        require(self.adapter_dtype in ADAPTER_DTYPES, f"adapter_dtype {self.adapter_dtype!r} is unknown",
+                "use fp32 (default), bf16, fp16 or base")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name}

@@ -13,47 +13,21 @@ weights follow ``cfg.adapter_dtype`` (:func:`adapter_torch_dtype`), fp32 by defa
 from __future__ import annotations
 
 import contextlib
-import importlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lorabench.errors import UserError
+from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
+from lorabench.methods.common import (TORCH_DTYPES, adapter_torch_dtype, decoder_layers, freeze,  # noqa: F401
+                                      layer_module_paths, replace_module, torch_dtype)
 from lorabench.specs import ModelSpec, TrainSpec
-
-TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""lorabench dtype names -> torch dtypes."""
 
 #: model_types whose transformers implementation refuses ``attn_implementation="sdpa"`` (attention softcapping).
 _NO_SDPA = ("gemma2",)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"fp32" | "bf16" | "fp16"`` -> the torch dtype.
-
-    Raises:
-        UserError: an unknown dtype name.
-    """
-    if name not in TORCH_DTYPES:
-        raise UserError(f"unknown dtype {name!r}", f"use one of {', '.join(TORCH_DTYPES)}")
-    return TORCH_DTYPES[name]
-
-
-def adapter_torch_dtype(cfg: MethodConfig, train: TrainSpec) -> torch.dtype:
-    """dtype of a PEFT-style method's trainable weights.
-
-    ``cfg.adapter_dtype`` is ``fp32`` (default, PEFT's ``autocast_adapter_dtype=True``), ``bf16``/``fp16``
-    (forced), or ``base`` (the model's parameter dtype, PEFT's ``autocast_adapter_dtype=False``).
-    """
-    name = cfg.adapter_dtype
-    if name == "base":
-        return torch_dtype(train.param_dtype)
-    if name not in TORCH_DTYPES:
-        raise UserError(f"adapter_dtype {name!r} is unknown", "use fp32, bf16, fp16 or base")
-    return TORCH_DTYPES[name]
 
 
 def build_model(spec: ModelSpec, train: TrainSpec, *, device: str = "cpu", seed: int = 0) -> PreTrainedModel:
@@ -99,47 +73,15 @@ def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
     return no_init_weights()
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: ``model.model.layers`` (Llama family) or ``model.transformer.h`` (GPT-2)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner.layers
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None and isinstance(getattr(transformer, "h", None), nn.ModuleList):
-        return transformer.h
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}",
-                    "lorabench supports Llama-family models and GPT-2")
-
-
-def layer_module_paths(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(dotted path from the causal LM, layer module) for every decoder layer, e.g. ``model.layers.3``."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, mod in model.named_modules() if mod is layers)
-    for i, layer in enumerate(layers):
-        yield f"{prefix}.{i}", layer
-
-
-def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``path`` (relative to ``root``) by ``new``."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, new)
-
-
-def freeze(model: nn.Module) -> None:
-    """``requires_grad_(False)`` on every parameter (methods then unfreeze what they train)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-
-
 def prepare_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, device: str = "cpu",
                   seed: int = 0) -> nn.Module:
     """Build the model, apply the method, then enable gradient checkpointing if asked.
 
-    The method is applied by ``lorabench.methods.<name>.layer.apply(model, spec, cfg, train)``. A method's
-    layer module may also define ``build(spec, cfg, train, *, device, seed)`` to build the base model itself
-    on real devices (QLoRA does: it quantizes each linear right after its init, so the 16-bit model never
-    exists in full; on meta the plain build is used). Prefix tuning
+    The method's runtime (``get_method(name).load_runtime()``, a
+    :class:`~lorabench.methods.protocols.MethodRuntime`) applies it: ``apply(model, spec, cfg, train)``. A
+    runtime may also define ``materialize(meta_model, spec, cfg, train, *, device, seed)`` to turn the model
+    built on meta into real tensors itself (QLoRA does: it quantizes each linear right after its init, so the
+    16-bit model never exists in full; on meta nothing needs materializing). Prefix tuning
     returns a wrapper module (``PrefixModel``) around the causal LM; every other method returns the causal LM
     itself, mutated. Checkpointing is transformers' own, non-reentrant (``use_reentrant=False``): it needs no
     input-requires-grad hook, so transformers' hook is removed again when the input embedding is frozen
@@ -150,13 +92,14 @@ def prepare_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *
         device: ``"cpu"``, ``"cuda"`` or ``"meta"`` (every method, QLoRA included, works on meta).
         seed: random init seed (base weights, then adapter init).
     """
-    layer = importlib.import_module(f"lorabench.methods.{method_cfg.name}.layer")
-    builder = getattr(layer, "build", None)
-    if builder is not None and device != "meta":
-        model = builder(spec, method_cfg, train, device=device, seed=seed)
+    runtime = get_method(method_cfg.name).load_runtime()
+    materialize = getattr(runtime, "materialize", None)
+    if materialize is not None and device != "meta":
+        model = materialize(build_model(spec, train, device="meta", seed=seed), spec, method_cfg, train,
+                            device=device, seed=seed)
     else:
         model = build_model(spec, train, device=device, seed=seed)
-    model = layer.apply(model, spec, method_cfg, train)
+    model = runtime.apply(model, spec, method_cfg, train)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

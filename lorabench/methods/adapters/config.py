@@ -23,6 +23,7 @@ class AdaptersConfig(MethodConfig):
     non_linearity: str = "swish"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.reduction_factor > 0, f"reduction_factor={self.reduction_factor} must be positive",
                 "pass --reduction-factor 16")
         require(self.placement in PLACEMENTS, f"adapter placement {self.placement!r} is unknown",

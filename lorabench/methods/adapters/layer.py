@@ -24,8 +24,8 @@ from torch import nn
 
 from lorabench.errors import require
 from lorabench.methods.adapters.config import AdaptersConfig
-from lorabench.methods.lora.layer import UninitLinear, module_device
-from lorabench.runtime.build import adapter_torch_dtype, freeze, layer_module_paths, replace_module
+from lorabench.methods.common import (UninitLinear, adapter_torch_dtype, freeze, layer_module_paths, module_device,
+                                      replace_module)
 from lorabench.specs import ModelSpec, TrainSpec
 
 INIT_STD = 0.02

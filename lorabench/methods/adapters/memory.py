@@ -6,14 +6,14 @@ biases); double_seq_bn places two per layer. Forward: x + up(swish(down(x.to(ada
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorabench.memory.autograd import Graph, Sym
-from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
-from lorabench.memory.method_terms import adapter_dtype
-from lorabench.memory.method_terms import base_linear as linear
-from lorabench.memory.method_terms import frozen_storage
-from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_quantized_params as quantized_params
+from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
+from lorabench.methods.terms import adapter_dtype
+from lorabench.methods.terms import base_linear as linear
+from lorabench.methods.terms import frozen_storage
+from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
@@ -40,7 +40,7 @@ def storage(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec) -> tuple[in
     return frozen_storage(model, train)
 
 
-def after_sublayer(g: Graph, x: Sym, ctx: Any, where: str) -> Sym:
+def after_sublayer(g: Graph, x: Sym, ctx: LayerCtx, where: str) -> Sym:
     """Placed after the attention output (double_seq_bn only) and after the MLP output."""
     cfg: AdaptersConfig = ctx.method
     if where == "attention" and cfg.placement != "double_seq_bn":

@@ -1,5 +1,21 @@
 """Full fine-tuning: every parameter trainable."""
 
-from lorabench.methods.full.config import FullConfig
+from __future__ import annotations
 
-__all__ = ["FullConfig"]
+from lorabench.methods.full import memory
+from lorabench.methods.full.config import FullConfig
+from lorabench.methods.protocols import MethodRuntime
+from lorabench.methods.registry import Method, register
+
+
+def load_runtime() -> MethodRuntime:
+    """The runtime module (imports torch)."""
+    from lorabench.methods.full import layer
+
+    return layer
+
+
+METHOD = register(Method(config=FullConfig, estimator=memory, load_runtime=load_runtime,
+                         default_precision="bf16-mixed"))
+
+__all__ = ["FullConfig", "METHOD"]

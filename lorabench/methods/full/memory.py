@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
-from lorabench.memory.method_terms import base_linear as linear
-from lorabench.memory.method_terms import identity as after_sublayer
-from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.terms import no_quantized_params as quantized_params
+from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
+from lorabench.methods.terms import base_linear as linear
+from lorabench.methods.terms import identity as after_sublayer
+from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.full.config import FullConfig
 from lorabench.specs import ModelSpec, TrainSpec
 

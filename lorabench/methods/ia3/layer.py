@@ -20,10 +20,9 @@ from torch import nn
 
 from lorabench.errors import UserError
 from lorabench.methods.ia3.config import IA3Config
-from lorabench.methods.lora.layer import (PEFT_KEY_PREFIX, is_conv1d, load_peft_state, module_device,
-                                          save_peft_files)
+from lorabench.methods.common import (PEFT_KEY_PREFIX, adapter_torch_dtype, freeze, is_conv1d, layer_module_paths,
+                                      load_peft_state, module_device, replace_module, save_peft_files)
 from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, name_matches, select
-from lorabench.runtime.build import adapter_torch_dtype, freeze, layer_module_paths, replace_module
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 

@@ -6,14 +6,14 @@ Feed-forward targets scale their input (x * l, saving x in the vector's dtype); 
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorabench.memory.autograd import Graph, Sym
-from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
-from lorabench.memory.method_terms import adapter_dtype
-from lorabench.memory.method_terms import base_linear, frozen_storage, is_target
-from lorabench.memory.method_terms import identity as after_sublayer
-from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_quantized_params as quantized_params
+from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
+from lorabench.methods.terms import adapter_dtype
+from lorabench.methods.terms import base_linear, frozen_storage, is_target
+from lorabench.methods.terms import identity as after_sublayer
+from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.ia3.config import IA3Config
 from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, name_matches, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
@@ -50,7 +50,7 @@ def storage(model: ModelSpec, cfg: IA3Config, train: TrainSpec) -> tuple[int, in
     return frozen_storage(model, train)
 
 
-def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     cfg: IA3Config = ctx.method
     if not is_target(m, targets(ctx.model, cfg)):
         return base_linear(g, x, m, ctx)

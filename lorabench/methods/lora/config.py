@@ -27,6 +27,7 @@ class LoraConfig(MethodConfig):
     """Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(int(self.r) == self.r and self.r > 0, f"lora rank r={self.r} must be a positive integer",
                 "pass --r 8 (or any integer >= 1)")
         require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is outside [0, 1)",

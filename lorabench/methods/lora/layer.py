@@ -21,8 +21,6 @@ Files: ``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safeten
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,34 +31,10 @@ from torch import nn
 from lorabench.errors import UserError
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
-from lorabench.runtime.build import adapter_torch_dtype, freeze, layer_module_paths, replace_module
+from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_torch_dtype, freeze, is_conv1d,  # noqa: F401
+                                      layer_module_paths, load_peft_state, module_device, replace_module,
+                                      save_peft_files)
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
-
-PEFT_KEY_PREFIX = "base_model.model."
-"""What PEFT puts in front of the causal LM's own parameter names in adapter files."""
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """Device of a module's first parameter or buffer (4-bit layers hold their weight in buffers)."""
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-class UninitLinear(nn.Linear):
-    """An ``nn.Linear`` without torch's default init: its owner initialises it (and on meta nothing needs
-    initialising, which keeps counting/tracing a 405B model fast)."""
-
-    def reset_parameters(self) -> None:
-        pass
-
 
 class LoraLinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update (PEFT's ``lora.Linear``).
@@ -179,44 +153,6 @@ def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` everywhere."""
     for _, module in lora_modules(model):
         module.unmerge()
-
-
-# ---------------------------------------------------------------- PEFT file format (shared with IA3)
-
-def save_peft_files(directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (keys already PEFT-named)."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
-
-
-def load_peft_state(directory: str | Path, params: dict[str, nn.Parameter]) -> None:
-    """Copy the tensors of a PEFT adapter file into ``params`` (the model's adapter parameters, by name).
-
-    Raises:
-        UserError: a missing file, keys that do not match ``params`` one to one, or a shape mismatch.
-    """
-    from safetensors.torch import load_file
-
-    file = Path(directory) / WEIGHTS_FILE
-    if not file.is_file():
-        raise UserError(f"no {WEIGHTS_FILE} in {directory}", "pass a folder written by save_adapter or PEFT")
-    loaded = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_file(str(file)).items()}
-    missing, unexpected = sorted(set(params) - set(loaded)), sorted(set(loaded) - set(params))
-    if missing or unexpected:
-        raise UserError(f"adapter in {directory} does not match the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})", "prepare the model with the same method and targets")
-    with torch.no_grad():
-        for key, param in params.items():
-            if tuple(loaded[key].shape) != tuple(param.shape):
-                raise UserError(f"{key}: shape {tuple(loaded[key].shape)} != {tuple(param.shape)}",
-                                "prepare the model with the same rank/targets as the saved adapter")
-            param.copy_(loaded[key].to(param.dtype))
 
 
 def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:

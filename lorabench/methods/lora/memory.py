@@ -7,13 +7,13 @@ dtype (an fp32 copy, saved by lora_A) and lora_B saves A's r-wide output.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorabench.memory.autograd import Graph, Sym
-from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
-from lorabench.memory.method_terms import adapter_dtype, base_linear, frozen_storage, is_target
-from lorabench.memory.method_terms import identity as after_sublayer
-from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_quantized_params as quantized_params
+from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
+from lorabench.methods.terms import adapter_dtype, base_linear, frozen_storage, is_target
+from lorabench.methods.terms import identity as after_sublayer
+from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
@@ -53,7 +53,7 @@ def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig
     return g.to(out, base_out.dtype)
 
 
-def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     out = base_linear(g, x, m, ctx)
     if is_target(m, targets(ctx.model, ctx.method)):
         out = adapter_path(g, x, out, m, ctx.method, adapter_dtype(ctx.method, ctx.train))

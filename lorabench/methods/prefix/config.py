@@ -22,6 +22,7 @@ class PrefixConfig(MethodConfig):
     """H of the projection MLP; None means PEFT's token_dim D = head_dim * num_key_value_heads."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.num_virtual_tokens > 0, f"num_virtual_tokens={self.num_virtual_tokens} must be positive",
                 "pass --num-virtual-tokens 20")
         require(self.encoder_hidden_size is None or self.encoder_hidden_size > 0,

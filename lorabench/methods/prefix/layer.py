@@ -36,7 +36,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lorabench.methods.prefix.config import PrefixConfig
-from lorabench.runtime.build import adapter_torch_dtype, decoder_layers, freeze, torch_dtype
+from lorabench.methods.common import adapter_torch_dtype, decoder_layers, freeze, torch_dtype
 from lorabench.specs import ModelSpec, TrainSpec
 
 

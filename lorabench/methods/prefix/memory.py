@@ -8,12 +8,12 @@ Attention runs over V + T keys.
 
 from __future__ import annotations
 
-from typing import Any
-
-from lorabench.memory.method_terms import adapter_dtype
-from lorabench.memory.method_terms import base_linear as linear
-from lorabench.memory.method_terms import frozen_storage
-from lorabench.memory.method_terms import identity as after_sublayer
+from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_quantized_params as quantized_params
+from lorabench.methods.terms import adapter_dtype
+from lorabench.methods.terms import base_linear as linear
+from lorabench.methods.terms import frozen_storage
+from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 
@@ -50,7 +50,7 @@ def prefix_tokens(cfg: PrefixConfig) -> int:
     return cfg.num_virtual_tokens
 
 
-def persistent_gradient_bytes(ctx: Any) -> int:
+def persistent_gradient_bytes(ctx: LayerCtx) -> int:
     """Gradient of each layer's concatenated K and V: the cat's backward hands the prefix a *slice* of it,
     and the slice keeps the whole (b, kv_heads, V+T, head_dim) storage alive until the prefix encoder's
     backward runs at the very end (observed in the trace; the same holds for PEFT's past_key_values)."""

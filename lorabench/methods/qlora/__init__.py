@@ -1,5 +1,21 @@
 """QLoRA (Dettmers et al. 2023, arXiv:2305.14314): NF4 base weights + LoRA."""
 
-from lorabench.methods.qlora.config import QLoraConfig
+from __future__ import annotations
 
-__all__ = ["QLoraConfig"]
+from lorabench.methods.qlora import memory
+from lorabench.methods.qlora.config import QLoraConfig
+from lorabench.methods.protocols import MethodRuntime
+from lorabench.methods.registry import Method, register
+
+
+def load_runtime() -> MethodRuntime:
+    """The runtime module (imports torch)."""
+    from lorabench.methods.qlora import layer
+
+    return layer
+
+
+METHOD = register(Method(config=QLoraConfig, estimator=memory, load_runtime=load_runtime,
+                         sources_anchor="qlora"))
+
+__all__ = ["QLoraConfig", "METHOD"]

@@ -18,7 +18,7 @@ to the result dtype before adding); the two agree up to one rounding of the 16-b
 Meta device: quantization cannot compute codes there, so :func:`empty_linear4bit` allocates
 correctly-shaped, correctly-typed empty NF4 storage (byte counts equal ``nf4_storage_bytes``).
 
-Real devices: :func:`build` builds the model on meta and materializes it module by module,
+Real devices: :func:`materialize` takes the model the runtime built on meta and materializes it module by module,
 quantizing each linear right after its random init, so a 70B QLoRA model never exists in 16 bit on the GPU.
 """
 
@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from lorabench.errors import UserError, require
-from lorabench.methods.lora.layer import is_conv1d, lora_modules, wrap_lora
+from lorabench.methods.common import (adapter_torch_dtype, freeze, is_conv1d, layer_module_paths, replace_module,
+                                      torch_dtype)
+from lorabench.methods.lora.layer import lora_modules, wrap_lora
 from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
 from lorabench.quant.linear4bit import Linear4bit
 from lorabench.quant.nf4 import NF4Tensor
-from lorabench.runtime.build import (adapter_torch_dtype, build_model, freeze, layer_module_paths,
-                                     replace_module, torch_dtype)
 from lorabench.specs import ModelSpec, TrainSpec
 
 DQ_BLOCKSIZE = 256
@@ -131,7 +131,7 @@ def apply(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec)
     freeze(model)
     for path in quantized_paths(model, spec):
         module = model.get_submodule(path)
-        if not is_4bit(module):  # build() may have quantized it already
+        if not is_4bit(module):  # materialize() may have quantized it already
             replace_module(model, path, quantize_linear(module, cfg))
     wrap_lora(model, chosen, cfg, adapter_torch_dtype(cfg, train))
     return model
@@ -157,16 +157,16 @@ def _materialize_direct(module: nn.Module, device: torch.device | str,
     return changed
 
 
-def build(spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec, *, device: str,
-                    seed: int = 0) -> nn.Module:
-    """The causal LM with its quantizable linears already in NF4, built without a 16-bit copy of them.
+def materialize(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec, *, device: str,
+                seed: int = 0) -> nn.Module:
+    """The causal LM (built on meta by the runtime) with its quantizable linears in NF4 on ``device``,
+    without ever holding a 16-bit copy of them.
 
-    Built on meta, then every module is materialized on ``device`` and re-initialised by transformers'
-    own ``_init_weights`` (the init ``from_config`` uses); each quantizable linear is quantized right
-    after its init. Tied embeddings stay tied. ``apply`` then only adds LoRA.
+    Every module is materialized on ``device`` and re-initialised by transformers' own ``_init_weights``
+    (the init ``from_config`` uses); each quantizable linear is quantized right after its init. Tied
+    embeddings stay tied. ``apply`` then only adds LoRA.
     """
     _check(spec, cfg)
-    model = build_model(spec, train, device="meta", seed=seed)
     torch.manual_seed(seed)
     targets = set(quantized_paths(model, spec))
     memo: dict[int, torch.Tensor] = {}

@@ -7,13 +7,12 @@ without double quantization); embeddings, norms, biases and lm_head stay in the 
 
 from __future__ import annotations
 
-from typing import Any
-
 from lorabench.memory.autograd import Graph, Sym
-from lorabench.memory.method_terms import no_persistent_gradients as persistent_gradient_bytes
-from lorabench.memory.method_terms import identity as after_sublayer
-from lorabench.memory.method_terms import adapter_dtype, is_target
-from lorabench.memory.method_terms import no_prefix as prefix_tokens
+from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
+from lorabench.methods.terms import identity as after_sublayer
+from lorabench.methods.terms import adapter_dtype, is_target
+from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.memory import adapter_path, targets, trainable_dtype, trainable_params
 from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.quant.sizes import nf4_storage_bytes
@@ -25,7 +24,7 @@ __all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dty
 trains_base = False
 
 
-def quantized_params(model: ModelSpec) -> int:
+def quantized_params(model: ModelSpec, cfg: QLoraConfig | None = None) -> int:
     """Elements stored in NF4: every quantizable layer matrix (weights only) in every layer."""
     return model.num_layers * sum(m.weight_params for m in model.quantized_matrices())
 
@@ -41,7 +40,7 @@ def storage(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[int, 
     return int(rest + biases * DTYPE_BYTES[cfg.compute_dtype]), int(quant)
 
 
-def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     cfg: QLoraConfig = ctx.method
     if m.quantizable:
         out = g.frozen_linear_no_save(x, m.out_features, m.in_features, x.dtype if g.autocast is None else g.autocast)

@@ -1,9 +1,7 @@
 """Default estimator hooks shared by the method folders (torch-free).
 
-A method's ``memory.py`` exposes: ``trainable_params(model, cfg)``, ``trainable_dtype(cfg, train)``,
-``trains_base`` (bool), ``storage(model, cfg, train) -> (weights_bytes, quantized_bytes)``,
-``linear(g, x, matrix, ctx)`` (symbolic forward of one projection), ``after_sublayer(g, x, ctx)`` and
-``prefix_tokens(cfg)``. This module holds the behaviour of a frozen base model that most methods share.
+A method's ``memory.py`` satisfies :class:`lorabench.methods.protocols.Estimator`; this module holds the
+behaviour of a frozen base model that most methods share.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.methods.protocols import LayerCtx
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
 
 
@@ -19,13 +18,13 @@ def frozen_storage(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
     return int(model.total_params * DTYPE_BYTES[train.param_dtype]), 0
 
 
-def base_linear(g: Graph, x: Sym, m: MatrixSpec, ctx: Any) -> Sym:
+def base_linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     """The unmodified projection (x cast to the weight dtype first, as a 16-bit model's inputs already are)."""
     x = g.to(x, ctx.param_dtype) if g.autocast is None else x
     return g.linear(x, m.out_features, m.in_features, ctx.param_dtype, ctx.train_base, m.bias and ctx.train_base)
 
 
-def identity(g: Graph, x: Sym, ctx: Any, where: str) -> Sym:
+def identity(g: Graph, x: Sym, ctx: LayerCtx, where: str) -> Sym:
     """No module after the sublayer (``where`` is "attention" or "mlp")."""
     return x
 
@@ -43,6 +42,11 @@ def adapter_dtype(cfg: Any, train: TrainSpec) -> str:
     return train.param_dtype if cfg.adapter_dtype == "base" else cfg.adapter_dtype
 
 
-def no_persistent_gradients(ctx: Any) -> int:
+def no_persistent_gradients(ctx: LayerCtx) -> int:
     """Bytes of activation gradients a layer's backward leaves alive until the end of backward: none."""
+    return 0
+
+
+def no_quantized_params(model: ModelSpec, cfg: Any) -> int:
+    """Elements of the base stored quantized: none."""
     return 0

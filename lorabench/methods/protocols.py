@@ -1,0 +1,97 @@
+"""The typed seam between the core, a method and the runtime (torch-free).
+
+A method is one :class:`~lorabench.methods.registry.Method` object registered in its folder's
+``__init__``. It carries three things:
+
+* its config dataclass (``config.py``, PEFT's names and defaults; CLI flags are generated from it);
+* an :class:`Estimator` (``memory.py``): the torch-free terms the planner needs;
+* a loader of its :class:`MethodRuntime` (``layer.py``, torch): ``apply`` turns a built transformers model
+  into the trained one. The loader imports the module statically when called, so ``plan`` never imports torch.
+
+:class:`LayerCtx` is what the planner hands an estimator's per-layer hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from lorabench.memory.autograd import Graph, Sym
+    from lorabench.methods.base import MethodConfig
+
+
+@dataclass(frozen=True)
+class LayerCtx:
+    """What a layer program (and a method's per-layer hooks) needs to know besides the model shape."""
+
+    model: ModelSpec
+    train: TrainSpec
+    method: Any  # the method config (each estimator narrows it to its own config class)
+    hooks: "Estimator"
+    tokens: int
+    param_dtype: str
+    train_base: bool
+
+    @property
+    def batch(self) -> int:
+        return self.train.micro_batch_size
+
+    @property
+    def seq(self) -> int:
+        return self.train.seq_len
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """A method's torch-free estimator terms (its ``memory.py`` module satisfies this structurally)."""
+
+    trains_base: bool
+    """Whether the base model's own weights train (full fine-tuning): gradients flow into every layer."""
+
+    def trainable_params(self, model: ModelSpec, cfg: Any) -> int:
+        """Exact number of trainable elements (tested against the built model and PEFT)."""
+        ...
+
+    def trainable_dtype(self, cfg: Any, train: TrainSpec) -> str:
+        """dtype of the trainable weights (and of their gradients and Adam states)."""
+        ...
+
+    def storage(self, model: ModelSpec, cfg: Any, train: TrainSpec) -> tuple[int, int]:
+        """(frozen 16/32-bit weight bytes, quantized weight bytes)."""
+        ...
+
+    def quantized_params(self, model: ModelSpec, cfg: Any) -> int:
+        """Elements of the base stored quantized (0 unless the method quantizes)."""
+        ...
+
+    def linear(self, g: "Graph", x: "Sym", m: MatrixSpec, ctx: LayerCtx) -> "Sym":
+        """Symbolic forward of one projection of a decoder layer."""
+        ...
+
+    def after_sublayer(self, g: "Graph", x: "Sym", ctx: LayerCtx, where: str) -> "Sym":
+        """Symbolic forward of what follows a sublayer (``where``: "attention" or "mlp")."""
+        ...
+
+    def prefix_tokens(self, cfg: Any) -> int:
+        """Virtual key/value positions prepended in every layer (prefix tuning), else 0."""
+        ...
+
+    def persistent_gradient_bytes(self, ctx: LayerCtx) -> int:
+        """Activation-gradient bytes a layer's backward leaves alive until the end of backward."""
+        ...
+
+
+@runtime_checkable
+class MethodRuntime(Protocol):
+    """A method's runtime (its ``layer.py`` module). ``apply`` is required; ``materialize`` is optional:
+    a method that must build the base itself on a real device (QLoRA quantizes each linear right after
+    its init) defines ``materialize(meta_model, spec, cfg, train, *, device, seed)``."""
+
+    def apply(self, model: "nn.Module", spec: ModelSpec, cfg: "MethodConfig", train: TrainSpec) -> "nn.Module":
+        """Freeze/replace/wrap modules of ``model`` in place and return the model to train."""
+        ...

@@ -1,0 +1,79 @@
+"""The seam, checked statically: no module cycle, methods never import the runtime, nothing imports a
+method by string, and architecture/method names are only branched on where they belong."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "lorabench"
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        out[name] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, tree: ast.Module) -> set[str]:
+    """lorabench modules ``name`` imports anywhere (module level or inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imports(name, tree) for name, tree in MODULES.items()}
+
+
+def _cycle() -> list[str] | None:
+    """A module-level import cycle through lorabench modules other than package ``__init__`` re-exports."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(GRAPH[node]):
+            if node.startswith(dep + "."):  # a module importing its own package (always loaded first)
+                continue
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for name in sorted(GRAPH):
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def test_no_import_cycle() -> None:
+    assert _cycle() is None, " -> ".join(_cycle() or [])
+
+
+def test_methods_import_nothing_from_runtime() -> None:
+    bad = {name: sorted(d for d in deps if d.startswith("lorabench.runtime"))
+           for name, deps in GRAPH.items() if name.startswith("lorabench.methods")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_no_method_module_imported_by_string() -> None:
+    for name, tree in MODULES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+                text = ast.unparse(node.args[0]) if node.args else ""
+                assert "methods" not in text, f"{name} imports a method module by string: {text}"
