@@ -16,10 +16,22 @@ Config = Mapping[str, Any]
 
 
 def _get(cfg: Config, *keys: str, default: Any = None) -> Any:
+    """The first of ``keys`` present (not null) in ``cfg``; a number must be a JSON integer, not a string."""
     for key in keys:
         if cfg.get(key) is not None:
-            return cfg[key]
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"config field {key}={value!r} is not an integer",
+                                f"write {key} as a JSON number, as transformers saves it")
+            return value
     return default
+
+
+def _int(cfg: Config, key: str) -> int:
+    value = _get(cfg, key)
+    if value is None:
+        raise KeyError(key)
+    return int(value)
 
 
 def _attention(cfg: Config, h: int, n_heads: int, n_kv: int, d: int, qkv_bias: bool, o_bias: bool) -> list[MatrixSpec]:
@@ -42,11 +54,24 @@ def _gated_mlp(h: int, inter: int, bias: bool, prefix: str = "mlp") -> list[Matr
 
 
 def _shape(cfg: Config) -> tuple[int, int, int, int, int, int]:
-    h = int(cfg["hidden_size"])
-    n_heads = int(cfg["num_attention_heads"])
+    h = _int(cfg, "hidden_size")
+    n_heads = _int(cfg, "num_attention_heads")
     n_kv = int(_get(cfg, "num_key_value_heads", default=n_heads))
+    _check_heads(h, n_heads, n_kv, explicit_head_dim=cfg.get("head_dim") is not None)
     d = int(_get(cfg, "head_dim", default=h // n_heads))
-    return h, n_heads, n_kv, d, int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    return h, n_heads, n_kv, d, _int(cfg, "intermediate_size"), _int(cfg, "num_hidden_layers")
+
+
+def _check_heads(h: int, n_heads: int, n_kv: int, explicit_head_dim: bool) -> None:
+    """What transformers' attention needs: heads > 0, kv heads dividing the heads (GQA groups), and, without
+    an explicit ``head_dim``, heads dividing the hidden size."""
+    require(n_heads > 0 and n_kv > 0, f"config has num_attention_heads={n_heads}, num_key_value_heads={n_kv}",
+            "both must be positive integers")
+    require(n_heads % n_kv == 0, f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}",
+            "use a number of key/value heads that divides the number of heads")
+    require(explicit_head_dim or h % n_heads == 0,
+            f"hidden_size={h} is not divisible by num_attention_heads={n_heads}",
+            "fix the config (or give head_dim explicitly, as Gemma-2 does)")
 
 
 def _llama_like(cfg: Config, qkv_bias: bool, norms_per_layer: int) -> dict[str, Any]:
@@ -87,7 +112,7 @@ def _phi3(cfg: Config) -> dict[str, Any]:
 
 def _mixtral(cfg: Config) -> dict[str, Any]:
     h, n_heads, n_kv, d, inter, n_layers = _shape(cfg)
-    n_exp = int(cfg["num_local_experts"])
+    n_exp = _int(cfg, "num_local_experts")
     # transformers >= 5 fuses the experts into two 3-D parameters and the router into a raw parameter.
     mats = _attention(cfg, h, n_heads, n_kv, d, False, False) + [
         MatrixSpec("mlp.gate", h, n_exp, False, "mlp", is_linear=False, quantizable=False),
@@ -97,13 +122,14 @@ def _mixtral(cfg: Config) -> dict[str, Any]:
     ]
     return dict(hidden_size=h, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d, intermediate_size=inter,
                 num_layers=n_layers, matrices=tuple(mats), norm_params_per_layer=2 * h, final_norm_params=h,
-                num_experts=n_exp, experts_per_token=int(cfg.get("num_experts_per_tok", 2)))
+                num_experts=n_exp, experts_per_token=int(_get(cfg, "num_experts_per_tok", default=2)))
 
 
 def _gpt2(cfg: Config) -> dict[str, Any]:
     h = int(_get(cfg, "n_embd", "hidden_size"))
     n_layers = int(_get(cfg, "n_layer", "num_hidden_layers"))
     n_heads = int(_get(cfg, "n_head", "num_attention_heads"))
+    _check_heads(h, n_heads, n_heads, explicit_head_dim=False)
     inter = int(_get(cfg, "n_inner", default=4 * h))
     # Conv1D modules: weight stored (in, out), still x @ W + b; all have biases.
     mats = (
@@ -148,13 +174,13 @@ def spec_from_hf_config(cfg: Config, name: str, display: str = "") -> ModelSpec:
                         f"lorabench knows {', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
         fields = _PARSERS[model_type](cfg)
-        vocab = int(cfg["vocab_size"])
+        vocab = _int(cfg, "vocab_size")
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"config {name} lacks a valid field {err}", "pass a complete Hugging Face config.json") from None
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         require(fields[key] > 0, f"config {name} has {key}={fields[key]}", "every size must be a positive integer")
     require(vocab > 0, f"config {name} has vocab_size={vocab}", "vocab_size must be a positive integer")
-    fields.setdefault("max_position_embeddings", int(cfg.get("max_position_embeddings") or 0))
+    fields.setdefault("max_position_embeddings", int(_get(cfg, "max_position_embeddings", default=0)))
     return ModelSpec(
         name=name,
         model_type=model_type,

@@ -9,7 +9,7 @@ dict, so the two cannot drift.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 #: Bytes per element of the dtypes lorabench speaks about.
 DTYPE_BYTES: dict[str, float] = {
@@ -257,6 +257,9 @@ class OptimizerSpec:
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
 
+#: Optimizer state layouts lorabench plans and runs (conf/optimizer/<name>.yaml for each).
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum")
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -277,6 +280,8 @@ class TrainSpec:
         sharding: ``none``, ``zero1`` (optimizer states), ``zero2`` (+ gradients), ``zero3`` (+ weights;
             FSDP full shard).
         master_weights: keep an fp32 copy of 16-bit trainable weights in the optimizer.
+        allow_long_context: plan/run a ``seq_len`` above the model's ``max_position_embeddings`` (RoPE
+            models only; learned positions never allow it).
     """
 
     micro_batch_size: int = 1
@@ -289,10 +294,16 @@ class TrainSpec:
     num_gpus: int = 1
     sharding: str = "none"
     master_weights: bool = False
+    allow_long_context: bool = False
+
+    #: Fields added after record schema 1 was first written: left out of a record at their default, so that
+    #: records (and run ids) of configs that do not use them stay what they were.
+    RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False}
 
     def to_record(self) -> dict[str, Any]:
-        """The run record's ``config.train``: every field, the optimizer as its name."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if self.RECORD_OPTIONAL.get(f.name, object()) != getattr(self, f.name)}
         out["optimizer"] = self.optimizer.name
         return out
 

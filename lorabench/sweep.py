@@ -34,6 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench import records
+from lorabench.errors import UserError
 from lorabench.runtime.launch import JobOutcome, run_job_subprocess
 from lorabench.runtime.probe import detect_gpu, resolve_device
 
@@ -63,7 +64,7 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     from lorabench.architectures import spec_from_hf_config
     from lorabench.catalog import load_gpu, load_model
     from lorabench.methods import make_config
-    from lorabench.specs import OptimizerSpec, TrainSpec
+    from lorabench.validation import train_from_fields
 
     name = str(cfg.model.name)
     catalog_spec = load_model(name)
@@ -74,7 +75,7 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     method = make_config(str(cfg.method.name), knobs)
     train_fields = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                     if k not in RUNNER_TRAIN_KEYS}
-    train = TrainSpec(**train_fields, optimizer=OptimizerSpec(str(cfg.optimizer.name)))
+    train = train_from_fields(train_fields, optimizer=str(cfg.optimizer.name))
     gpu = load_gpu(str(cfg.gpu.name)) if cfg.get("gpu") else None
     return JobSpecs(model=model, method=method, train=train, gpu=gpu, hf_overrides=overrides)
 
@@ -287,17 +288,24 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"{position} skip (excluded by sweep_exclude) {cfg.model.name} {cfg.method.name}", flush=True)
         return None
     path = results_path(cfg)
-    device = resolve_device(str(cfg.device))
+    try:  # an invalid config is refused before anything runs (a multirun was checked whole by runconfig)
+        from lorabench.runconfig import check_job
+
+        specs: JobSpecs | None = check_job(cfg)
+        device = resolve_device(str(cfg.device))
+    except UserError as err:
+        from lorabench.runconfig import refuse
+
+        refuse(err)
     errors: list[str] = []
-    specs: JobSpecs | None = None
     try:
-        specs = build_specs(cfg)
         if specs.gpu is None and device == "cuda":
             specs = dataclasses.replace(specs, gpu=detect_gpu())
         config = record_config(cfg, specs, device)
-    except Exception as err:  # UserError and friends: record the config as given, status failed
+    except Exception as err:  # a bug composing the record: record the config as given, status failed
         config = raw_config(cfg, device)
         errors.append(f"config: {type(err).__name__}: {err}")
+        specs = None
     rid = records.run_id(config)
     if rid in records.completed_ids(path, statuses=tuple(cfg.get("resume_skip") or ("ok",))):
         print(f"{position} skip (recorded) {rid} {config['model']} {config['method']['method']}", flush=True)

@@ -7,9 +7,8 @@ from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
 from lorabench.methods import METHOD_NAMES, MethodConfig, make_config
+from lorabench.specs import OPTIMIZER_NAMES as OPTIMIZERS
 from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum")
 FORMATS = ("table", "markdown", "json", "csv")
 
 #: CLI flag -> method-config field (None default = the method's own default).
@@ -64,6 +63,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
                    help="micro-batches per optimizer step (does not change peak memory)")
     g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
+    g.add_argument("--allow-long-context", action="store_true",
+                   help="allow --seq-len above the model's max_position_embeddings (RoPE models)")
     h = parser.add_argument_group("hardware")
     h.add_argument("--gpu", default=None, help="catalog GPU (h100, a100-40gb, 4090...); default: every GPU")
     h.add_argument("--gpus", dest="num_gpus", type=_positive_int, default=1, help="data-parallel GPUs")
@@ -105,7 +106,8 @@ def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | No
                      gradient_checkpointing=bool(args.gradient_checkpointing),
                      attention=args.attention or default_attention(model),
                      optimizer=OptimizerSpec(args.optimizer), grad_accum_steps=args.grad_accum_steps,
-                     num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights))
+                     num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),
+                     allow_long_context=bool(args.allow_long_context))
 
 
 def gpu_from_args(args: argparse.Namespace) -> GpuSpec | None:

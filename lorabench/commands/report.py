@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with PNG figures: predicted vs measured at the allocated, reserved and device levels, "
                     "per-component errors, fit/OOM verdicts, throughput vs memory and decision tables.")
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="a sweep's results folder, e.g. results/cpu-smoke")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<basename of RESULTS_DIR>)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/ + RESULTS_DIR below results/, e.g. results/X/s -> reports/X/s); "
+                        "a README generated from other records is never overwritten")
     p.add_argument("--gpu", default=None,
                    help="catalog GPU for the decision tables (default: the records' GPU, else h100-80gb)")
     p.set_defaults(func=run)

@@ -21,16 +21,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lorabench.catalog import CONF_DIR, _load_yaml
-from lorabench.errors import require
 from lorabench.memory import activations as act
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
 from lorabench.methods.protocols import Estimator
 from lorabench.specs import DTYPE_BYTES, GpuSpec, ModelSpec, TrainSpec
-
-SHARDINGS = ("none", "zero1", "zero2", "zero3")
-
+from lorabench.validation import SHARDINGS, validate_setup
 
 @dataclass(frozen=True)
 class Prediction:
@@ -90,18 +87,9 @@ def calibration(gpu_name: str | None = None) -> dict[str, Any]:
     return _load_yaml(path)
 
 
-def validate(model: ModelSpec, train: TrainSpec) -> None:
-    """Raise UserError for impossible training settings."""
-    require(train.micro_batch_size >= 1, f"micro-batch {train.micro_batch_size} must be >= 1", "pass --batch 1 or more")
-    require(train.seq_len >= 1, f"sequence length {train.seq_len} must be >= 1", "pass --seq-len 512 for example")
-    require(train.num_gpus >= 1, f"--gpus {train.num_gpus} must be >= 1", "pass --gpus 1 or more")
-    require(train.sharding in SHARDINGS, f"sharding {train.sharding!r} is unknown", f"use one of {', '.join(SHARDINGS)}")
-    require(train.grad_accum_steps >= 1, f"grad accumulation {train.grad_accum_steps} must be >= 1", "pass 1 or more")
-    require(train.attention in ("sdpa", "eager"), f"attention {train.attention!r} is unknown", "use sdpa or eager")
-    if model.position_embedding_params:
-        limit = model.max_position_embeddings
-        require(train.seq_len <= limit, f"seq_len {train.seq_len} exceeds {model.name}'s {limit} learned positions",
-                f"pass --seq-len {limit} or less")
+def validate(model: ModelSpec, method: MethodConfig, train: TrainSpec) -> None:
+    """Raise UserError for an impossible or unsupported setting (:func:`lorabench.validation.validate_setup`)."""
+    validate_setup(model, method, train, get_method(method.name).estimator)
 
 
 def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpec,
@@ -151,7 +139,7 @@ def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:
 
 def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSpec | None = None) -> Prediction:
     """Predict the per-GPU memory of one training step (the second, when optimizer state exists)."""
-    validate(model, train)
+    validate(model, method, train)
     hooks = get_method(method.name).estimator
     weights, quantized = hooks.storage(model, method, train)
     n_train = hooks.trainable_params(model, method)

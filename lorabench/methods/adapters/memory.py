@@ -6,6 +6,7 @@ biases); double_seq_bn places two per layer. Forward: x + up(swish(down(x.to(ada
 
 from __future__ import annotations
 
+from lorabench.errors import require
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
 from lorabench.methods.terms import no_quantized_params as quantized_params
@@ -18,13 +19,20 @@ from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
 __all__ = ["linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
-           "bottleneck"]
+           "bottleneck", "check"]
 
 trains_base = False
 
 
 def bottleneck(model: ModelSpec, cfg: AdaptersConfig) -> int:
     return model.hidden_size // cfg.reduction_factor
+
+
+def check(model: ModelSpec, cfg: AdaptersConfig) -> None:
+    """The bottleneck m = hidden // reduction_factor must be at least 1."""
+    h = model.hidden_size
+    require(cfg.reduction_factor <= h, f"reduction_factor={cfg.reduction_factor} exceeds {model.name}'s hidden size {h} "
+            "(bottleneck hidden // factor would be 0)", f"pass --reduction-factor {h} or less (16 is the default)")
 
 
 def trainable_params(model: ModelSpec, cfg: AdaptersConfig) -> int:

@@ -7,6 +7,7 @@ dtype (an fp32 copy, saved by lora_A) and lora_B saves A's r-wide output.
 
 from __future__ import annotations
 
+from lorabench.errors import require
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
 from lorabench.methods.terms import no_quantized_params as quantized_params
@@ -19,13 +20,22 @@ from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
-           "targets", "adapter_path"]
+           "targets", "adapter_path", "check"]
 
 trains_base = False
 
 
 def targets(model: ModelSpec, cfg: LoraConfig) -> tuple[MatrixSpec, ...]:
     return select(model, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+
+
+def check(model: ModelSpec, cfg: LoraConfig) -> None:
+    """Refuse a rank above min(in, out) of a targeted matrix: B A then has more parameters than the full
+    update it factors, and no more expressiveness (rank B A <= min(in, out))."""
+    for m in targets(model, cfg):
+        limit = min(m.in_features, m.out_features)
+        require(cfg.r <= limit, f"lora rank r={cfg.r} exceeds min(in, out)={limit} of {m.name}",
+                f"pass --r {limit} or less")
 
 
 def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
