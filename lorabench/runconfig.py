@@ -1,6 +1,7 @@
 """Refuse an invalid run configuration before anything runs (``lorabench run``, ``python -m lorabench.sweep``).
 
-A single run checks its own config in :func:`lorabench.sweep.run_one` before predicting or launching.
+A single run checks its own config (:func:`lorabench.sweep.check_job`) in :func:`lorabench.sweep.run_one`
+before predicting or launching.
 A multirun is checked as a whole by the :class:`Preflight` Hydra callback (registered in conf/config.yaml):
 ``on_multirun_start`` expands the grid the way Hydra's basic sweeper does (``hydra.sweeper.params`` from a
 preset, then the command line), composes every job that ``sweep_exclude`` keeps, and refuses the sweep at
@@ -13,35 +14,12 @@ plus what only the runner needs (a known device, one unsharded process).
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lorabench.errors import UserError
-
-
-def check_job(cfg: DictConfig) -> Any:
-    """The job's specs, or UserError when the config cannot be run as given."""
-    from lorabench import sweep
-    from lorabench.memory.planner import validate
-    from lorabench.validation import validate_device
-
-    validate_device(str(cfg.device))
-    specs = sweep.build_specs(cfg)
-    validate(specs.model, specs.method, specs.train)
-    problem = sweep.runnable(specs)
-    if problem:
-        raise UserError(problem, "plan it with `lorabench plan --gpus N --sharding ...`, or run num_gpus=1")
-    return specs
-
-
-def refuse(err: UserError, where: str = "") -> None:
-    """One line on stderr and exit code 2 (nothing has run, nothing is recorded)."""
-    sys.stderr.write(f"lorabench run: error: {where}{err}\n")
-    sys.stderr.flush()
-    raise SystemExit(2)
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
@@ -70,7 +48,7 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra import compose
 
-        from lorabench.sweep import is_excluded
+        from lorabench.sweep import check_job, is_excluded, refuse
 
         for overrides in job_overrides(config):
             try:

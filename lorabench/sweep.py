@@ -260,6 +260,28 @@ def bnb_cpu_problem(specs: JobSpecs, device: str) -> str | None:
     return None
 
 
+def check_job(cfg: DictConfig) -> JobSpecs:
+    """The job's specs, or UserError when the config cannot be run as given (the planner's rules,
+    :mod:`lorabench.validation`, plus a known device and one unsharded process)."""
+    from lorabench.memory.planner import validate
+    from lorabench.validation import validate_device
+
+    validate_device(str(cfg.device))
+    specs = build_specs(cfg)
+    validate(specs.model, specs.method, specs.train)
+    problem = runnable(specs)
+    if problem:
+        raise UserError(problem, "plan it with `lorabench plan --gpus N --sharding ...`, or run num_gpus=1")
+    return specs
+
+
+def refuse(err: UserError, where: str = "") -> None:
+    """One line on stderr and exit code 2 (nothing has run, nothing is recorded)."""
+    sys.stderr.write(f"lorabench run: error: {where}{err}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
 def make_record(cfg: DictConfig, config: dict[str, Any], predicted: dict[str, Any] | None,
                 outcome: JobOutcome, errors: list[str]) -> dict[str, Any]:
     """Assemble the shared record (common brief's format) from the parent's and the job's parts."""
@@ -289,13 +311,9 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     path = results_path(cfg)
     try:  # an invalid config is refused before anything runs (a multirun was checked whole by runconfig)
-        from lorabench.runconfig import check_job
-
         specs: JobSpecs | None = check_job(cfg)
         device = resolve_device(str(cfg.device))
     except UserError as err:
-        from lorabench.runconfig import refuse
-
         refuse(err)
     errors: list[str] = []
     try:

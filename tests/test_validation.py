@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from lorabench.catalog import load_model
 from lorabench.cli import main
 from lorabench.errors import UserError
-from lorabench.runconfig import check_job, job_overrides
-from lorabench.sweep import CONF_DIR
+from lorabench.runconfig import job_overrides
+from lorabench.sweep import CONF_DIR, check_job
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CFG = dict(load_model("tiny-llama").hf_config)
