@@ -324,5 +324,7 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": commit,
         "git_dirty": dirty,
+        # 1/5/15-minute load averages: CPU step times on a shared machine depend on them
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     })
     return env

@@ -168,10 +168,11 @@ def test_environment_fields_and_no_torch_import() -> None:
     env = result["env"]
     assert result["torch"] is False  # a CPU run without torch loaded must not import it
     assert set(env) == {"device_name", "driver", "cuda", "torch", "transformers", "bitsandbytes", "peft", "python",
-                        "platform", "git_commit", "git_dirty"}
+                        "platform", "git_commit", "git_dirty", "load_average"}
     assert env["device_name"] and env["python"].count(".") == 2
     assert env["git_commit"] == "unknown" or len(env["git_commit"]) == 40
     assert isinstance(env["git_dirty"], bool)
+    assert len(env["load_average"]) == 3
     from importlib.metadata import version
 
     assert env["transformers"] == version("transformers")
