@@ -118,7 +118,7 @@ def load_gpu(name: str) -> GpuSpec:
 
 
 _GPU_FLOAT_FIELDS = ("fp16_flops_per_s", "fp32_flops_per_s", "interconnect_bidirectional_bytes_per_s",
-                     "pcie_bidirectional_bytes_per_s", "usd_per_hour")
+                     "pcie_bidirectional_bytes_per_s", "usd_per_hour", "kernel_overhead_s")
 _GPU_STR_FIELDS = ("interconnect", "price_date", "price_source", "spec_source", "kind")
 
 

@@ -182,6 +182,7 @@ class GpuSpec:
         price_date: ISO date the price was listed.
         price_source, spec_source: keys of the entries in docs/SOURCES.md.
         kind: ``gpu``, or ``cpu`` for a measured CPU entry.
+        kernel_overhead_s: measured fixed cost of one op (CPU entries); 0 = the calibration's default.
     """
 
     name: str
@@ -201,6 +202,7 @@ class GpuSpec:
     price_source: str = ""
     spec_source: str = ""
     kind: str = "gpu"
+    kernel_overhead_s: float = 0.0
 
     def peak_flops_per_s(self, compute_dtype: str) -> float:
         """Dense matmul peak for a compute dtype (``bf16``, ``fp16``, ``fp32``).

@@ -1,0 +1,46 @@
+"""LoRA's step-time terms (torch-free): the adapter path of every targeted projection.
+
+Per target (in -> out, rank r) and token, PEFT's LoRA Linear runs x.to(adapter dtype), lora_A, lora_B,
+* scaling, + result and the cast back: 2r(in + out) FLOPs forward, 4r(in + out) backward (input and weight
+gradients of both factors). These matmuls are r wide, so they are bound by the bytes they move: the fp32 copy
+of x (T*in*(e + a)), A reading it (T*in*a), B's output (T*out*a), the scale and the add (promoting to a:
+T*out*(3a + e)) and the cast back (T*out*(a + e)); dropout (p > 0) reads and writes x once more plus a mask.
+Backward moves about twice the forward bytes in twice the kernels.
+"""
+
+from __future__ import annotations
+
+from lorabench.memory.method_terms import adapter_dtype
+from lorabench.methods.lora import memory
+from lorabench.methods.lora.config import LoraConfig
+from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
+from lorabench.steptime.work import Work
+
+
+def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
+    """(forward, backward) work of all layers' LoRA paths in one micro-step."""
+    t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
+    a = DTYPE_BYTES[adapter_dtype(cfg, train)]
+    cast = a != e
+    fwd = Work()
+    for m in memory.targets(model, cfg):
+        i, o = m.in_features, m.out_features
+        flops = 2.0 * t * cfg.r * (i + o)
+        nbytes = (t * i * (e + a) if cast else 0) + t * i * a + 2 * t * cfg.r * a + t * o * a \
+            + t * o * (3 * a + e) + (t * o * (a + e) if cast else 0) + 2 * cfg.r * (i + o) * a
+        if cfg.lora_dropout > 0:
+            nbytes += t * i * (2 * a + 1)
+        kernels = 4 + (2 if cast else 0) + (1 if cfg.lora_dropout > 0 else 0)
+        fwd = fwd + Work(flops, nbytes, kernels)
+    fwd = fwd * model.num_layers
+    return fwd, Work(2 * fwd.flops, 2 * fwd.bytes, 2 * fwd.kernels)
+
+
+def dequant_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> Work:
+    """No quantized weights."""
+    return Work()
+
+
+def trainable_tensors(model: ModelSpec, cfg: LoraConfig) -> int:
+    """lora_A and lora_B per target per layer."""
+    return 2 * len(memory.targets(model, cfg)) * model.num_layers

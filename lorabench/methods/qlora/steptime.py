@@ -1,0 +1,37 @@
+"""QLoRA's step-time terms (torch-free): LoRA's adapter path plus NF4 dequantization as memory traffic.
+
+Every quantized linear dequantizes its NF4 weight to the compute dtype in forward, again in backward for the
+input gradient (bitsandbytes MatMul4Bit and lorabench's Linear4bit keep only the packed weight), and once more
+when gradient checkpointing recomputes the layer (Dettmers et al. 2023, QLoRA, arXiv:2305.14314, Sec. 3).
+Bytes per element of one dequantization:
+
+* bitsandbytes' CUDA kernel reads 0.5 B of codes and 1/64 B of double-quantized absmax, writes e B:
+  0.5 + 1/64 + e (plus the small absmax dequantization), 2 kernels per weight;
+* lorabench's torch implementation (lorabench/quant/nf4.py ``dequantize_nf4``) widens the packed bytes to
+  int32 (0.5 read + 2 written per element), gathers fp32 code pairs (2 read + 4 written) and scales them into
+  the output (4 read + e written): 12.5 + e, ~6 kernels per weight and chunk of 4M elements.
+"""
+
+from __future__ import annotations
+
+from lorabench.methods.lora.steptime import adapter_work, trainable_tensors
+from lorabench.methods.qlora.config import QLoraConfig
+from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
+from lorabench.steptime.work import Work
+
+__all__ = ["adapter_work", "dequant_work", "trainable_tensors"]
+
+#: Elements per chunk of lorabench's dequantization (lorabench.quant.nf4.CHUNK_ELEMS).
+_CHUNK = 1 << 22
+
+
+def dequant_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> Work:
+    """One dequantization of every quantized weight of all layers (the caller multiplies by the passes)."""
+    e = DTYPE_BYTES[train.compute_dtype]
+    per_elem = (0.5 + 1 / 64 + e) if cfg.backend == "bitsandbytes" else (12.5 + e)
+    out = Work()
+    for m in model.quantized_matrices():
+        n = m.in_features * m.out_features * m.copies
+        kernels = 2 if cfg.backend == "bitsandbytes" else 3 + 3 * -(-n // _CHUNK)
+        out = out + Work(0.0, n * per_elem, kernels)
+    return out * model.num_layers

@@ -1,0 +1,170 @@
+"""Work of the base model's op classes per micro-step on one GPU (torch-free; formulas cited inline).
+
+Notation: T = b*s tokens of the micro-batch, L layers, h hidden, V vocabulary, e bytes per element of the
+compute dtype, p bytes of the stored weight dtype.
+"""
+
+from __future__ import annotations
+
+from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, OptimizerSpec, TrainSpec
+from lorabench.steptime.work import Work
+
+#: Leaf names of the attention output projections (their input is the attention output, not the norm's).
+_ATTN_OUTPUTS = ("o_proj", "c_proj", "out_proj", "dense")
+
+
+def _active_copies(model: ModelSpec, m: MatrixSpec) -> int:
+    """Expert matrices a token visits: top-k of the experts (Mixtral, Jiang et al. 2024, arXiv:2401.04088)."""
+    return model.experts_per_token if m.copies > 1 and model.experts_per_token else m.copies
+
+
+def layer_matmul_params(model: ModelSpec) -> int:
+    """Weights one token multiplies in one decoder layer (MoE: only the k experts it is routed to)."""
+    return sum(m.in_features * m.out_features * _active_copies(model, m) for m in model.matrices)
+
+
+def _first_layer_input_params(model: ModelSpec) -> int:
+    """Layer-0 matrices reading the first norm's output: with frozen embeddings their input needs no
+    gradient, so autograd skips their input-gradient matmul."""
+    return sum(m.in_features * m.out_features * _active_copies(model, m) for m in model.matrices
+               if m.kind == "attention" and m.leaf not in _ATTN_OUTPUTS)
+
+
+def _matmul_bytes(model: ModelSpec, tokens: int, e: float) -> float:
+    """Bytes one pass of every matmul moves: weights read once plus input read and output written
+    (T*(in + out) per matrix), in the compute dtype."""
+    per_layer = sum((m.in_features * m.out_features * _active_copies(model, m) if m.copies == 1 else
+                     m.in_features * m.out_features * m.copies) * e
+                    + tokens * (m.in_features + m.out_features) * _active_copies(model, m) * e
+                    for m in model.matrices)
+    head = model.vocab_size * model.hidden_size * e + tokens * (model.hidden_size + model.vocab_size) * e
+    return model.num_layers * per_layer + head
+
+
+def dense_forward(model: ModelSpec, train: TrainSpec) -> Work:
+    """2 FLOPs per weight per token (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1): 2T(L*P_layer + V*h);
+    one kernel per matrix (bias fused) and the head."""
+    t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
+    flops = 2.0 * t * (model.num_layers * layer_matmul_params(model) + model.vocab_size * model.hidden_size)
+    return Work(flops, _matmul_bytes(model, t, e), model.num_layers * len(model.matrices) + 1)
+
+
+def dense_input_grad(model: ModelSpec, train: TrainSpec, trains_base: bool) -> Work:
+    """dL/dx = dL/dy W: the same 2 FLOPs per weight per token as forward, needed by every frozen layer
+    too (gradients must reach the adapters below); skipped for layer 0's inputs from frozen embeddings."""
+    fwd = dense_forward(model, train)
+    skip = 0 if trains_base else 2.0 * train.tokens_per_step * _first_layer_input_params(model)
+    return Work(fwd.flops - skip, fwd.bytes, fwd.kernels)
+
+
+def dense_weight_grad(model: ModelSpec, train: TrainSpec, trains_base: bool) -> Work:
+    """dL/dW = dL/dy^T x for trainable base weights only (full fine-tuning): 2T(L*P_layer + V*h), plus the
+    bias reductions."""
+    if not trains_base:
+        return Work()
+    fwd = dense_forward(model, train)
+    biases = sum(1 for m in model.matrices if m.bias)
+    return Work(fwd.flops, fwd.bytes, fwd.kernels + model.num_layers * biases)
+
+
+def attention(model: ModelSpec, train: TrainSpec, prefix_tokens: int) -> tuple[Work, Work]:
+    """(forward, backward) of the score and value matmuls of all layers.
+
+    Forward FLOPs per layer: 4*b*heads*d*s*k (QK^T and PV), k the keys each query sees: s/2 with a causal
+    flash/sdpa kernel that skips masked blocks (Dao 2023, FlashAttention-2, arXiv:2307.08691, Sec. 3.1),
+    s + V with a mask (prefix tuning) or eager attention. Backward = 2.5x forward FLOPs (5 matmuls instead
+    of 2, ibid.). Eager attention also writes and reads the b*heads*s*k scores: forward the matmul output,
+    scale+mask, fp32 softmax and its cast back ((6e + 8) bytes per score), backward twice that.
+    """
+    b, s, nh, d = train.micro_batch_size, train.seq_len, model.num_heads, model.head_dim
+    e = DTYPE_BYTES[train.compute_dtype]
+    kv = s + prefix_tokens
+    eager = train.attention == "eager"
+    keys = s / 2 if (not eager and prefix_tokens == 0) else kv
+    flops = 4.0 * b * nh * d * s * keys * model.num_layers
+    qkvo = b * d * (2 * s * nh + 2 * kv * model.num_kv_heads) * e * model.num_layers
+    scores = b * nh * s * kv * model.num_layers
+    fwd = Work(flops, qkvo + ((6 * e + 8) * scores if eager else 0), (6 if eager else 1) * model.num_layers)
+    bwd = Work(2.5 * flops, 2.5 * qkvo + (2 * (6 * e + 8) * scores if eager else 0),
+               (8 if eager else 2) * model.num_layers)
+    return fwd, bwd
+
+
+def _norm_bytes_per_elem(model: ModelSpec, e: float) -> tuple[float, int]:
+    """(forward bytes per element, kernels) of one norm as transformers writes it.
+
+    RMSNorm (LlamaRMSNorm): x.to(fp32) (e+4), pow (4+4), mean (4), * rsqrt (4+4), .to(dtype) (4+e),
+    * weight (e+e): 28 + 4e bytes, 8 kernels with rsqrt/add-eps; without the casts (fp32): 28, 6 kernels.
+    LayerNorm: one fused kernel reading and writing the tensor (2e).
+    """
+    if model.norm_kind == "layernorm":
+        return 2 * e, 1
+    return (28 + 4 * e, 8) if e < 4 else (28.0, 6)
+
+
+def layer_elementwise(model: ModelSpec, train: TrainSpec) -> tuple[Work, Work]:
+    """(forward, backward) memory-bound ops of all decoder layers besides matmuls and attention.
+
+    Per layer and token: 2 norms (4 for Gemma-2); RoPE on q and k (q*cos + rotate_half(q)*sin: ~9e per
+    element, 6 kernels each); 2 residual adds (3e*h); the MLP activation (gated: silu + mul, 5e*I;
+    GELU-tanh ~16e*I); the attention output's transpose copy (2e per element). Backward moves about twice
+    the forward bytes (each op reads its saved input and the incoming gradient, writes a gradient) in about
+    1.5x the kernels. Under autocast each fp32 weight is cast to 16 bit once per forward (6 bytes/weight).
+    """
+    t, h, e = train.tokens_per_step, model.hidden_size, DTYPE_BYTES[train.compute_dtype]
+    nh, nkv, d, inter = model.num_heads, model.num_kv_heads, model.head_dim, model.intermediate_size
+    norms = 4 if model.model_type == "gemma2" else 2
+    norm_b, norm_k = _norm_bytes_per_elem(model, e)
+    rope = model.model_type != "gpt2"
+    gated = model.gated_mlp
+    per_token = (norms * norm_b * h + (9 * e * (nh + nkv) * d if rope else 0) + 2 * 3 * e * h
+                 + (5 * e if gated else 16 * e) * inter * (model.experts_per_token or 1) + 2 * e * nh * d)
+    kernels = norms * norm_k + (12 if rope else 0) + 2 + (2 if gated else 8) + 1
+    cast = 6.0 * layer_matmul_params(model) if train.precision.endswith("-mixed") else 0.0
+    fwd = Work(0.0, model.num_layers * (t * per_token + cast),
+               model.num_layers * (kernels + (len(model.matrices) if cast else 0)))
+    bwd = Work(0.0, model.num_layers * 2 * t * per_token, model.num_layers * 1.5 * kernels)
+    return fwd, bwd
+
+
+def head_and_loss(model: ModelSpec, train: TrainSpec, trains_base: bool) -> tuple[Work, Work]:
+    """(forward, backward) of the embedding lookup, the final norm and the cross-entropy over b*s*V logits.
+
+    transformers' ForCausalLMLoss: logits.float() (e+4 per logit), log_softmax (read twice for max and
+    sum, write once: 12), nll; backward: the nll gradient (4), log_softmax backward (12), the cast back
+    (4+e). The embedding gather writes T*h*p; with trainable embeddings its backward zero-fills the V*h
+    gradient and scatter-adds T rows.
+    """
+    t, h, v = train.tokens_per_step, model.hidden_size, model.vocab_size
+    e, p = DTYPE_BYTES[train.compute_dtype], DTYPE_BYTES[train.param_dtype]
+    norm_b, norm_k = _norm_bytes_per_elem(model, e)
+    fwd = Work(0.0, t * v * (e + 4 + 12) + t * h * (norm_b + p), 6 + norm_k)
+    emb_bwd = (v * h * p + 2 * t * h * p) if trains_base else 0.0
+    bwd = Work(0.0, t * v * (4 + 12 + 4 + e) + 2 * t * h * norm_b + emb_bwd, 6 + 1.5 * norm_k + (2 if trains_base else 0))
+    return fwd, bwd
+
+
+#: Full passes over an optimizer-state-sized tensor per step (reads + writes).
+#: torch AdamW foreach (torch/optim/adamw.py _multi_tensor_adamw): weight decay mul_ (2), lerp_ of m (3),
+#: mul_ + addcmul_ of v (5), sqrt (2), div_ (2), add_ eps (2), addcdiv_ into p (4) = 20 passes, 8 foreach
+#: ops; fused=True reads p, g, m, v and writes p, m, v once (7). SGD: add_ (3); with momentum mul_/add_ of
+#: the buffer and add_ into p (8).
+OPTIMIZER_PASSES = {"adamw": 20, "paged_adamw": 20, "sgd": 3, "sgd_momentum": 8}
+OPTIMIZER_FOREACH_OPS = {"adamw": 8, "paged_adamw": 8, "sgd": 1, "sgd_momentum": 3}
+
+
+def optimizer_step(optimizer: OptimizerSpec, params: int, tensors: int, param_bytes: float,
+                   per_tensor_loop: bool) -> Work:
+    """One optimizer step over ``params`` trainable elements in ``tensors`` tensors.
+
+    8-bit Adam (Dettmers et al. 2022, arXiv:2110.02861; bitsandbytes' fused blockwise kernel): reads p and
+    g, reads and writes the 1-byte m and v plus their absmax: 3p + 4 bytes per element, one kernel per
+    tensor. torch optimizers: :data:`OPTIMIZER_PASSES` passes of the parameter's dtype. On CUDA a foreach op
+    launches one kernel per ~48 tensors (multi_tensor_apply chunks); on the CPU it loops tensor by tensor.
+    """
+    name = optimizer.name
+    if name.endswith("8bit"):
+        return Work(0.0, params * (3 * param_bytes + 4 + 4 / 256 * 2), tensors)
+    ops = OPTIMIZER_FOREACH_OPS.get(name, 8)
+    launches = ops * (tensors if per_tensor_loop else -(-tensors // 48))
+    return Work(0.0, params * param_bytes * OPTIMIZER_PASSES.get(name, 20), launches)
