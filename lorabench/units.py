@@ -32,3 +32,20 @@ def signed_pct(predicted: float, measured: float) -> str:
     if not measured:
         return "n/a"
     return f"{100 * (predicted - measured) / measured:+.1f}%"
+
+
+def seconds(s: float) -> str:
+    """A duration picked by magnitude: 0.0123 -> '12.3 ms', 5400 -> '1.50 h', 200000 -> '2.31 d'."""
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.1f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.2f} h"
+    return f"{s / 86400:.2f} d"
+
+
+def usd(x: float | None) -> str:
+    return "-" if x is None else (f"${x:,.2f}" if x < 1000 else f"${x:,.0f}")

@@ -123,3 +123,19 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+
+
+def add_cost_args(parser: argparse.ArgumentParser) -> None:
+    """--tokens / --dataset-tokens --epochs and --usd-per-hour (time to train and cost)."""
+    g = parser.add_argument_group("time and cost")
+    g.add_argument("--tokens", type=float, default=None, help="tokens to train on (adds time to train and cost)")
+    g.add_argument("--dataset-tokens", type=float, default=None, help="tokens in the dataset (with --epochs)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over --dataset-tokens (default 1)")
+    g.add_argument("--usd-per-hour", type=float, default=None,
+                   help="price of one GPU-hour (default: the GPU's dated on-demand catalog price)")
+
+
+def budget_from_args(args: argparse.Namespace) -> Any:
+    from lorabench.steptime.cost import TrainingBudget
+
+    return TrainingBudget.from_flags(args.tokens, args.dataset_tokens, args.epochs, args.usd_per_hour)

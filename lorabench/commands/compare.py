@@ -1,11 +1,20 @@
-"""``lorabench compare``: the six methods side by side, the decision table a user reads."""
+"""``lorabench compare``: the six methods side by side on one GPU, the decision table a user reads.
+
+Per method: memory, whether it fits, the largest micro-batch, predicted step time, tokens/s, MFU and, with
+``--tokens``, time to train and cost; then the two ratios people ask about (QLoRA vs LoRA with the same
+targets, full fine-tuning vs LoRA). ``--breakdown`` adds the memory components.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
-from lorabench.commands.common import add_format_arg, add_model_arg, add_train_args, train_from_args
+from lorabench.commands import timing
+from lorabench.commands.common import (add_cost_args, add_format_arg, add_model_arg, add_train_args, budget_from_args,
+                                      train_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.methods import METHOD_NAMES, make_config
@@ -18,29 +27,75 @@ SHORT = {"weights": "weights", "quantized_weights": "nf4", "trainable": "trainab
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="all six methods side by side for one model (decision table)")
+    p = sub.add_parser("compare", help="all six methods side by side on one GPU: memory, fit, speed, cost")
     add_model_arg(p)
     add_train_args(p)
+    add_cost_args(p)
+    p.add_argument("--breakdown", action="store_true", help="also show the memory components")
     add_format_arg(p)
     p.set_defaults(func=run)
+
+
+def _evaluate(model: Any, name: str, args: argparse.Namespace, gpu: Any, budget: Any, knobs: dict | None = None) -> dict:
+    method = make_config(name, knobs)
+    train = train_from_args(args, name, model)
+    pred = predict(model, method, train, gpu)
+    step = timing.predict(model, method, train, gpu)
+    return {"method": method, "train": train, "pred": pred, "step": step, "fits": fits(pred, gpu).fits,
+            "max_micro_batch": max_micro_batch(model, method, train, gpu)}
+
+
+def _row(model: Any, ev: dict, gpu: Any, budget: Any, breakdown: bool) -> dict[str, str]:
+    pred, method = ev["pred"], ev["method"]
+    row = {"method": method.name, "precision": ev["train"].precision,
+           "trainable": f"{human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.2f}%)"}
+    if breakdown:
+        row.update({SHORT[c]: gib(pred.components[c], 2) for c in PLANNER_COMPONENTS})
+    row["total GiB"] = gib(pred.device_bytes, 2)
+    row[f"fits {gpu.name}"] = "yes" if ev["fits"] else "no"
+    row["max micro-batch"] = str(ev["max_micro_batch"])
+    row.update(timing.cells(ev["step"], budget, gpu))
+    return row
+
+
+def ratios(model: Any, args: argparse.Namespace, gpu: Any, budget: Any, evals: dict[str, dict]) -> list[str]:
+    """QLoRA vs LoRA with QLoRA's targets (memory saved, time added), full fine-tuning vs LoRA."""
+    q = evals["qlora"]
+    same = _evaluate(model, "lora", args, gpu, budget, {"target_modules": q["method"].target_modules})
+    lora = evals["lora"]
+    full = evals["full"]
+
+    def pct(a: float, b: float) -> str:
+        return f"{100 * (a / b - 1):+.0f}%"
+
+    return [
+        f"QLoRA vs LoRA (both on {q['method'].target_modules} targets): memory "
+        f"{pct(q['pred'].device_bytes, same['pred'].device_bytes)}, step time "
+        f"{pct(q['step'].step_time_s, same['step'].step_time_s)}",
+        f"full fine-tuning vs LoRA (default targets): memory {pct(full['pred'].device_bytes, lora['pred'].device_bytes)}, "
+        f"step time {pct(full['step'].step_time_s, lora['step'].step_time_s)}",
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     gpu = load_gpu(args.gpu or "h100-80gb")
-    rows = []
-    for name in METHOD_NAMES:
-        method = make_config(name)
-        train = train_from_args(args, name, model)
-        pred = predict(model, method, train, gpu)
-        row = {"method": name, "precision": train.precision,
-               "trainable": f"{human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.2f}%)"}
-        row.update({SHORT[c]: gib(pred.components[c], 2) for c in PLANNER_COMPONENTS})
-        row["total GiB"] = gib(pred.device_bytes, 2)
-        row[f"fits {gpu.name}"] = "yes" if fits(pred, gpu).fits else "no"
-        row["max micro-batch"] = str(max_micro_batch(model, method, train, gpu))
-        rows.append(row)
+    budget = budget_from_args(args)
+    evals = {name: _evaluate(model, name, args, gpu, budget) for name in METHOD_NAMES}
+    rows = [_row(model, ev, gpu, budget, args.breakdown) for ev in evals.values()]
+    notes = ratios(model, args, gpu, budget, evals)
+    if args.format == "json":
+        extra = {"model": model.name, "gpu": gpu.name, "ratios": notes,
+                 "methods": [{"method": ev["method"].to_dict(), "train": ev["train"].to_record(),
+                              "prediction": {**ev["pred"].to_dict(), **timing.json_fields(ev["step"], budget, gpu)},
+                              "fits": ev["fits"], "max_micro_batch": ev["max_micro_batch"]} for ev in evals.values()]}
+        print(render(rows, "json", extra=extra))
+        return 0
     title = (f"{model.display} ({human_count(model.total_params)} params), b={args.micro_batch_size} s={args.seq_len}"
-             f"{' ckpt' if args.gradient_checkpointing else ''}, {args.optimizer}, GiB per GPU, verdicts for {gpu.display}")
+             f"{' ckpt' if args.gradient_checkpointing else ''}, {args.optimizer}, GiB per GPU, on {gpu.display}")
     print(render(rows, args.format, title=title if args.format in ("table", "markdown") else ""))
+    if args.format in ("table", "markdown"):
+        print()
+        print("\n".join(notes))
+        print(f"(time model: {timing.calibration.load(gpu.name).source or 'calibrated'})")
     return 0

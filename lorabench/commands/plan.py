@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 from lorabench.catalog import all_gpus
-from lorabench.commands.common import add_format_arg, add_plan_args, gpu_from_args, specs_from_args
+from lorabench.commands import timing
+from lorabench.commands.common import (add_cost_args, add_format_arg, add_plan_args, budget_from_args, gpu_from_args,
+                                      specs_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS, TRACE_TO_PLANNER
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.render import render
@@ -15,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict the memory of a fine-tune (no torch, instant)",
                        description="Predict per-GPU memory by component, the verdict on each GPU, the largest micro-batch.")
     add_plan_args(p)
+    add_cost_args(p)
     add_format_arg(p)
     p.add_argument("--explain", action="store_true", help="show each component's formula, numbers and source")
     p.add_argument("--trace", action="store_true", help="also run the fake-tensor tracer and add its column (torch)")
@@ -25,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     model, method, train = specs_from_args(args)
     gpu = gpu_from_args(args)
     pred = predict(model, method, train, gpu)
+    budget = budget_from_args(args)
+    step = timing.predict(model, method, train, gpu) if gpu else None
     traced = _trace(model, method, train) if args.trace else None
     rows = []
     for name in PLANNER_COMPONENTS:
@@ -42,17 +47,22 @@ def run(args: argparse.Namespace) -> int:
     verdicts = []
     for g in gpus:
         v = fits(pred, g)
-        verdicts.append({"gpu": g.name, "memory GiB": gib(g.memory_bytes, 1), "fits": "yes" if v.fits else "no",
-                         "headroom GiB": gib(v.headroom_bytes, 2),
-                         "max micro-batch": str(max_micro_batch(model, method, train, g))})
+        row = {"gpu": g.name, "memory GiB": gib(g.memory_bytes, 1), "fits": "yes" if v.fits else "no",
+               "headroom GiB": gib(v.headroom_bytes, 2), "max micro-batch": str(max_micro_batch(model, method, train, g))}
+        if v.fits:
+            row.update(timing.cells(step if g is gpu and step else timing.predict(model, method, train, g), budget, g))
+        verdicts.append(row)
     head = (f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
             f"trainable {human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.3f}%) | "
             f"b={train.micro_batch_size} s={train.seq_len} {train.precision}"
             f"{' ckpt' if train.gradient_checkpointing else ''} {train.optimizer.name}"
             f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''} | peak in {pred.phase}")
     if args.format == "json":
+        prediction = pred.to_dict()
+        if step is not None and gpu is not None:
+            prediction.update(timing.json_fields(step, budget, gpu))
         extra = {"model": model.name, "method": method.to_dict(), "train": train.to_record(),
-                 "prediction": pred.to_dict(), "verdicts": verdicts}
+                 "prediction": prediction, "verdicts": verdicts}
         if traced is not None:
             extra["traced"] = traced
         print(render(rows, "json", extra=extra))
@@ -66,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gradient accumulation x{train.grad_accum_steps}: same peak memory (one micro-batch at a time).")
     if pred.host_bytes:
         print(f"paged optimizer: {gib(pred.host_bytes)} GiB of states may page to host memory under pressure.")
+    if step is not None and gpu is not None:
+        print(timing.line(step, budget, gpu))
     print()
     print(render(verdicts, args.format))
     if args.explain:

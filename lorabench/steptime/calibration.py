@@ -20,14 +20,18 @@ class TimeCalibration:
     efficiency: dict[str, float]
     kernel_overhead_s: float
     source: str = ""
+    forward_op_overhead_s: float = 0.0
+    """Extra cost of an op issued from a module's forward (Python module code) over one issued by autograd."""
 
     def to_yaml_doc(self) -> dict[str, Any]:
-        return {"source": self.source, "efficiency": dict(self.efficiency), "kernel_overhead_s": self.kernel_overhead_s}
+        return {"source": self.source, "efficiency": dict(self.efficiency), "kernel_overhead_s": self.kernel_overhead_s,
+                "forward_op_overhead_s": self.forward_op_overhead_s}
 
 
 def from_doc(doc: dict[str, Any]) -> TimeCalibration:
     eff = {c: float(doc["efficiency"][c]) for c in EFFICIENCY_CLASSES}
-    return TimeCalibration(eff, float(doc["kernel_overhead_s"]), str(doc.get("source", "")))
+    return TimeCalibration(eff, float(doc["kernel_overhead_s"]), str(doc.get("source", "")),
+                           float(doc.get("forward_op_overhead_s", 0.0)))
 
 
 @functools.lru_cache(maxsize=None)

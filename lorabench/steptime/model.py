@@ -7,7 +7,9 @@ ops) is timed as
     t_c = max(flops_c / peak, bytes_c / bandwidth) / eff_c + kernels_c * kernel_overhead_s
 
 and the step time is the sum. ``recompute`` (gradient checkpointing) repeats every decoder layer's forward,
-each piece at the efficiency of its own class; with QLoRA it dequantizes once more. The efficiencies come from
+each piece at the efficiency of its own class; with QLoRA it dequantizes once more. Ops of a forward
+(also recomputed ones) cost ``forward_op_overhead_s`` on top: eager PyTorch runs them from Python module code,
+while backward ops run from the autograd engine. The efficiencies come from
 conf/calibration/time-<device>.yaml (:mod:`lorabench.steptime.calibration`). One step = ``grad_accum_steps``
 micro-batches + one optimizer step + the data-parallel communication.
 """
@@ -41,6 +43,8 @@ class Piece:
     peak_flops_per_s: float
     bytes_per_s: float
     report_as: str = ""
+    forward: bool = False
+    """Ops of a module's forward (also when recomputed): on the CPU they carry Python module overhead."""
 
     def unit_time_s(self) -> float:
         """Roofline time at efficiency 1, without kernel overheads."""
@@ -77,12 +81,13 @@ class StepTime:
 
 
 def _layer_forward(model: ModelSpec, train: TrainSpec) -> Work:
-    """The decoder layers' share of the dense forward (no head): what checkpointing recomputes."""
+    """The decoder layers' share of the dense forward (no head): what checkpointing recomputes, plus the
+    checkpoint machinery's own ops per layer."""
     head = model.vocab_size * model.hidden_size
     fwd = terms.dense_forward(model, train)
     t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
     return Work(fwd.flops - 2.0 * t * head, fwd.bytes - head * e - t * (model.hidden_size + model.vocab_size) * e,
-                fwd.kernels - 1)
+                fwd.kernels - terms.OPS_PER_LINEAR + terms.CHECKPOINT_OPS_PER_LAYER * model.num_layers)
 
 
 def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: GpuSpec) -> list[Piece]:
@@ -99,22 +104,23 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
     loss_f, loss_b = terms.head_and_loss(model, train, base)
     ad_f, ad_b = hooks.adapter_work(model, method, train)
     deq = hooks.dequant_work(model, method, train)
+    a_peak = device.peak_flops_per_s(t_dtype)
     micro = [
-        Piece("matmul_forward", terms.dense_forward(model, train), peak, bw),
+        Piece("matmul_forward", terms.dense_forward(model, train), peak, bw, forward=True),
         Piece("matmul_input_grad", terms.dense_input_grad(model, train, base), peak, bw),
         Piece("matmul_weight_grad", terms.dense_weight_grad(model, train, base), peak, bw),
-        Piece("attention", attn_f + attn_b, peak, bw),
-        Piece("adapter", ad_f + ad_b, device.peak_flops_per_s(t_dtype), bw),
-        Piece("dequant", deq * 2, peak, bw),
-        Piece("elementwise", elem_f + elem_b, peak, bw),
-        Piece("loss", loss_f + loss_b, peak, bw),
+        Piece("attention", attn_f, peak, bw, forward=True), Piece("attention", attn_b, peak, bw),
+        Piece("adapter", ad_f, a_peak, bw, forward=True), Piece("adapter", ad_b, a_peak, bw),
+        Piece("dequant", deq, peak, bw, forward=True), Piece("dequant", deq, peak, bw),
+        Piece("elementwise", elem_f, peak, bw, forward=True), Piece("elementwise", elem_b, peak, bw),
+        Piece("loss", loss_f, peak, bw, forward=True), Piece("loss", loss_b, peak, bw),
     ]
-    if train.gradient_checkpointing:
-        micro += [Piece("matmul_forward", _layer_forward(model, train), peak, bw, "recompute"),
-                  Piece("attention", attn_f, peak, bw, "recompute"),
-                  Piece("adapter", ad_f, device.peak_flops_per_s(t_dtype), bw, "recompute"),
-                  Piece("dequant", deq, peak, bw, "recompute"),
-                  Piece("elementwise", elem_f, peak, bw, "recompute")]
+    if train.gradient_checkpointing:  # the layers' forward once more, inside backward
+        micro += [Piece("matmul_forward", _layer_forward(model, train), peak, bw, "recompute", True),
+                  Piece("attention", attn_f, peak, bw, "recompute", True),
+                  Piece("adapter", ad_f, a_peak, bw, "recompute", True),
+                  Piece("dequant", deq, peak, bw, "recompute", True),
+                  Piece("elementwise", elem_f, peak, bw, "recompute", True)]
     out = [replace(p, work=p.work * acc) for p in micro]
     n_train = est.trainable_params(model, method)
     t_bytes = DTYPE_BYTES[t_dtype]
@@ -138,7 +144,8 @@ def predict_time(model: ModelSpec, method: MethodConfig, train: TrainSpec, devic
     parts = pieces(model, method, train, device)
     comps = {c: 0.0 for c in OP_CLASSES}
     for p in parts:
-        comps[p.report_as or p.cls] += p.unit_time_s() / cal.efficiency[p.cls] + p.work.kernels * overhead
+        per_op = overhead + (cal.forward_op_overhead_s if p.forward else 0.0)
+        comps[p.report_as or p.cls] += p.unit_time_s() / cal.efficiency[p.cls] + p.work.kernels * per_op
     est = memory_module(method.name)
     attended = train.seq_len + est.prefix_tokens(method)
     flops = training_flops_per_token(model, bool(est.trains_base), est.trainable_params(model, method), attended)

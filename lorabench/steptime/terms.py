@@ -9,6 +9,14 @@ from __future__ import annotations
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, OptimizerSpec, TrainSpec
 from lorabench.steptime.work import Work
 
+#: Ops (aten calls) per op group as transformers 5 + torch 2.13 dispatch them in one training step of a Llama
+#: layer, counted with a TorchDispatchMode (tests/steptime/test_op_counts.py keeps these honest): each costs a
+#: fixed dispatch/launch overhead on top of its roofline time.
+OPS_PER_LINEAR = 4
+OPS_PER_LINEAR_WEIGHT_GRAD = 5
+#: Extra ops per checkpointed layer besides its recomputed forward (detach, saved-tensor hooks, RNG state).
+CHECKPOINT_OPS_PER_LAYER = 40
+
 #: Leaf names of the attention output projections (their input is the attention output, not the norm's).
 _ATTN_OUTPUTS = ("o_proj", "c_proj", "out_proj", "dense")
 
@@ -42,11 +50,13 @@ def _matmul_bytes(model: ModelSpec, tokens: int, e: float) -> float:
 
 
 def dense_forward(model: ModelSpec, train: TrainSpec) -> Work:
-    """2 FLOPs per weight per token (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1): 2T(L*P_layer + V*h);
-    one kernel per matrix (bias fused) and the head."""
+    """2 FLOPs per weight per token (Kaplan et al. 2020, arXiv:2001.08361, Sec. 2.1): 2T(L*P_layer + V*h).
+
+    Ops per linear: transpose, mm, and the two reshapes around it (4, counted on the real stack, see
+    :data:`OPS_PER_LINEAR`)."""
     t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
     flops = 2.0 * t * (model.num_layers * layer_matmul_params(model) + model.vocab_size * model.hidden_size)
-    return Work(flops, _matmul_bytes(model, t, e), model.num_layers * len(model.matrices) + 1)
+    return Work(flops, _matmul_bytes(model, t, e), OPS_PER_LINEAR * (model.num_layers * len(model.matrices) + 1))
 
 
 def dense_input_grad(model: ModelSpec, train: TrainSpec, trains_base: bool) -> Work:
@@ -64,7 +74,8 @@ def dense_weight_grad(model: ModelSpec, train: TrainSpec, trains_base: bool) -> 
         return Work()
     fwd = dense_forward(model, train)
     biases = sum(1 for m in model.matrices if m.bias)
-    return Work(fwd.flops, fwd.bytes, fwd.kernels + model.num_layers * biases)
+    ops = OPS_PER_LINEAR_WEIGHT_GRAD * (model.num_layers * len(model.matrices) + 1) + model.num_layers * biases
+    return Work(fwd.flops, fwd.bytes, ops)
 
 
 def attention(model: ModelSpec, train: TrainSpec, prefix_tokens: int) -> tuple[Work, Work]:
@@ -84,9 +95,9 @@ def attention(model: ModelSpec, train: TrainSpec, prefix_tokens: int) -> tuple[W
     flops = 4.0 * b * nh * d * s * keys * model.num_layers
     qkvo = b * d * (2 * s * nh + 2 * kv * model.num_kv_heads) * e * model.num_layers
     scores = b * nh * s * kv * model.num_layers
-    fwd = Work(flops, qkvo + ((6 * e + 8) * scores if eager else 0), (6 if eager else 1) * model.num_layers)
+    fwd = Work(flops, qkvo + ((6 * e + 8) * scores if eager else 0), (14 if eager else 8) * model.num_layers)
     bwd = Work(2.5 * flops, 2.5 * qkvo + (2 * (6 * e + 8) * scores if eager else 0),
-               (8 if eager else 2) * model.num_layers)
+               (14 if eager else 6) * model.num_layers)
     return fwd, bwd
 
 
@@ -109,7 +120,7 @@ def layer_elementwise(model: ModelSpec, train: TrainSpec) -> tuple[Work, Work]:
     element, 6 kernels each); 2 residual adds (3e*h); the MLP activation (gated: silu + mul, 5e*I;
     GELU-tanh ~16e*I); the attention output's transpose copy (2e per element). Backward moves about twice
     the forward bytes (each op reads its saved input and the incoming gradient, writes a gradient) in about
-    1.5x the kernels. Under autocast each fp32 weight is cast to 16 bit once per forward (6 bytes/weight).
+    1.8x the ops. Under autocast each fp32 weight is cast to 16 bit once per forward (6 bytes/weight).
     """
     t, h, e = train.tokens_per_step, model.hidden_size, DTYPE_BYTES[train.compute_dtype]
     nh, nkv, d, inter = model.num_heads, model.num_kv_heads, model.head_dim, model.intermediate_size
@@ -119,12 +130,17 @@ def layer_elementwise(model: ModelSpec, train: TrainSpec) -> tuple[Work, Work]:
     gated = model.gated_mlp
     per_token = (norms * norm_b * h + (9 * e * (nh + nkv) * d if rope else 0) + 2 * 3 * e * h
                  + (5 * e if gated else 16 * e) * inter * (model.experts_per_token or 1) + 2 * e * nh * d)
-    kernels = norms * norm_k + (12 if rope else 0) + 2 + (2 if gated else 8) + 1
+    kernels = norms * norm_k + (14 if rope else 0) + 2 + (2 if gated else 8) + 7
     cast = 6.0 * layer_matmul_params(model) if train.precision.endswith("-mixed") else 0.0
     fwd = Work(0.0, model.num_layers * (t * per_token + cast),
                model.num_layers * (kernels + (len(model.matrices) if cast else 0)))
-    bwd = Work(0.0, model.num_layers * 2 * t * per_token, model.num_layers * 1.5 * kernels)
+    bwd = Work(0.0, model.num_layers * 2 * t * per_token, model.num_layers * 1.8 * kernels)
     return fwd, bwd
+
+
+#: Ops outside the decoder layers: embedding, position ids, rotary cos/sin, mask, final norm, lm_head, loss.
+HEAD_FORWARD_OPS = 50
+HEAD_BACKWARD_OPS = 37
 
 
 def head_and_loss(model: ModelSpec, train: TrainSpec, trains_base: bool) -> tuple[Work, Work]:
@@ -138,9 +154,9 @@ def head_and_loss(model: ModelSpec, train: TrainSpec, trains_base: bool) -> tupl
     t, h, v = train.tokens_per_step, model.hidden_size, model.vocab_size
     e, p = DTYPE_BYTES[train.compute_dtype], DTYPE_BYTES[train.param_dtype]
     norm_b, norm_k = _norm_bytes_per_elem(model, e)
-    fwd = Work(0.0, t * v * (e + 4 + 12) + t * h * (norm_b + p), 6 + norm_k)
+    fwd = Work(0.0, t * v * (e + 4 + 12) + t * h * (norm_b + p), HEAD_FORWARD_OPS)
     emb_bwd = (v * h * p + 2 * t * h * p) if trains_base else 0.0
-    bwd = Work(0.0, t * v * (4 + 12 + 4 + e) + 2 * t * h * norm_b + emb_bwd, 6 + 1.5 * norm_k + (2 if trains_base else 0))
+    bwd = Work(0.0, t * v * (4 + 12 + 4 + e) + 2 * t * h * norm_b + emb_bwd, HEAD_BACKWARD_OPS)
     return fwd, bwd
 
 
@@ -166,5 +182,6 @@ def optimizer_step(optimizer: OptimizerSpec, params: int, tensors: int, param_by
     if name.endswith("8bit"):
         return Work(0.0, params * (3 * param_bytes + 4 + 4 / 256 * 2), tensors)
     ops = OPTIMIZER_FOREACH_OPS.get(name, 8)
-    launches = ops * (tensors if per_tensor_loop else -(-tensors // 48))
+    # on the CPU torch's foreach path also reads each tensor's step counter back (2 scalar ops per tensor)
+    launches = ops + 6 + 2 * tensors if per_tensor_loop else ops * -(-tensors // 48)
     return Work(0.0, params * param_bytes * OPTIMIZER_PASSES.get(name, 20), launches)

@@ -17,6 +17,11 @@ from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.steptime.work import Work
 
 
+#: aten ops per target per step (counted on the real stack, tests/steptime/test_op_counts.py).
+FORWARD_OPS = 12
+BACKWARD_OPS = 18
+
+
 def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
     """(forward, backward) work of all layers' LoRA paths in one micro-step."""
     t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
@@ -30,10 +35,10 @@ def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[W
             + t * o * (3 * a + e) + (t * o * (a + e) if cast else 0) + 2 * cfg.r * (i + o) * a
         if cfg.lora_dropout > 0:
             nbytes += t * i * (2 * a + 1)
-        kernels = 4 + (2 if cast else 0) + (1 if cfg.lora_dropout > 0 else 0)
-        fwd = fwd + Work(flops, nbytes, kernels)
+        fwd = fwd + Work(flops, nbytes, FORWARD_OPS + (1 if cfg.lora_dropout > 0 else 0))
     fwd = fwd * model.num_layers
-    return fwd, Work(2 * fwd.flops, 2 * fwd.bytes, 2 * fwd.kernels)
+    n = len(memory.targets(model, cfg)) * model.num_layers
+    return fwd, Work(2 * fwd.flops, 2 * fwd.bytes, BACKWARD_OPS * n)
 
 
 def dequant_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> Work:

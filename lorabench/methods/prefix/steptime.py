@@ -3,7 +3,7 @@
 The longer keys (s + V) are the attention op class's business (``prefix_tokens``). Here: per layer the
 DynamicCache concatenation of the prefix in front of K and V (read b*kv*d*s + V rows, write b*kv*d*(s+V),
 for K and V), the GQA ``repeat_kv`` copies the mask forces (write b*heads*d*(s+V) twice) and the additive mask
-built per layer (b*s*(s+V) elements); backward slices the gradients back (about the same bytes). With
+built per layer (b*s*(s+V) elements); backward slices the gradients back (about the same bytes); ~15 aten ops forward and 5 backward per layer. With
 ``prefix_projection`` the MLP D -> H -> 2LD runs once per step over the V virtual tokens.
 """
 
@@ -22,13 +22,12 @@ def adapter_work(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> tuple
     cat = 2 * (b * model.num_kv_heads * d * (s + kv)) * e
     repeat = 2 * b * model.num_heads * d * kv * e * 2 if model.num_heads != model.num_kv_heads else 0
     mask = b * s * kv * e
-    layer = Work(0.0, cat + repeat + mask, 6)
-    fwd = layer * model.num_layers
+    fwd = Work(0.0, cat + repeat + mask, 15) * model.num_layers
     if cfg.prefix_projection:
         dim = token_dim(model)
         hid = cfg.encoder_hidden_size or dim
         fwd = fwd + Work(2.0 * v * (dim * hid + hid * 2 * model.num_layers * dim), 0.0, 4)
-    return fwd, Work(2 * fwd.flops, fwd.bytes, fwd.kernels)
+    return fwd, Work(2 * fwd.flops, fwd.bytes, 5 * model.num_layers)
 
 
 def dequant_work(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> Work:

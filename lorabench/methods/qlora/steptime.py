@@ -9,7 +9,8 @@ Bytes per element of one dequantization:
   0.5 + 1/64 + e (plus the small absmax dequantization), 2 kernels per weight;
 * lorabench's torch implementation (lorabench/quant/nf4.py ``dequantize_nf4``) widens the packed bytes to
   int32 (0.5 read + 2 written per element), gathers fp32 code pairs (2 read + 4 written) and scales them into
-  the output (4 read + e written): 12.5 + e, ~6 kernels per weight and chunk of 4M elements.
+  the output (4 read + e written): 12.5 + e; ~23 aten ops per weight (absmax dequantization, views, the
+  chunk loop), 3 more per extra chunk of 4M elements.
 """
 
 from __future__ import annotations
@@ -32,6 +33,6 @@ def dequant_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> Work:
     out = Work()
     for m in model.quantized_matrices():
         n = m.in_features * m.out_features * m.copies
-        kernels = 2 if cfg.backend == "bitsandbytes" else 3 + 3 * -(-n // _CHUNK)
+        kernels = 2 if cfg.backend == "bitsandbytes" else 20 + 3 * -(-n // _CHUNK)
         out = out + Work(0.0, n * per_elem, kernels)
     return out * model.num_layers
