@@ -95,3 +95,20 @@ class MethodRuntime(Protocol):
     def apply(self, model: "nn.Module", spec: ModelSpec, cfg: "MethodConfig", train: TrainSpec) -> "nn.Module":
         """Freeze/replace/wrap modules of ``model`` in place and return the model to train."""
         ...
+
+
+@runtime_checkable
+class StepTimeTerms(Protocol):
+    """A method's torch-free step-time terms (its ``steptime.py`` module; :mod:`lorabench.steptime.model`)."""
+
+    def adapter_work(self, model: ModelSpec, cfg: Any, train: TrainSpec) -> tuple[Any, Any]:
+        """(forward, backward) :class:`~lorabench.steptime.work.Work` of the method's own ops, all layers."""
+        ...
+
+    def dequant_work(self, model: ModelSpec, cfg: Any, train: TrainSpec) -> Any:
+        """Work of one dequantization of every quantized weight (zero Work for unquantized methods)."""
+        ...
+
+    def trainable_tensors(self, model: ModelSpec, cfg: Any) -> int:
+        """Number of trainable tensors (the optimizer's per-tensor cost)."""
+        ...

@@ -8,7 +8,7 @@ from typing import Callable
 
 from lorabench.errors import suggest
 from lorabench.methods.base import MethodConfig
-from lorabench.methods.protocols import Estimator, MethodRuntime
+from lorabench.methods.protocols import Estimator, MethodRuntime, StepTimeTerms
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Method:
             master weights under bf16 autocast; PEFT methods train on a bf16 model).
         sources_anchor: the docs/SOURCES.md anchor of the method's trainable-parameter formula ("" when
             every parameter trains).
+        step_time: the torch-free step-time terms (the folder's ``steptime`` module).
     """
 
     config: type[MethodConfig]
@@ -30,6 +31,7 @@ class Method:
     load_runtime: Callable[[], MethodRuntime]
     default_precision: str = "bf16"
     sources_anchor: str = ""
+    step_time: StepTimeTerms | None = None
 
     @property
     def name(self) -> str:

@@ -16,11 +16,10 @@ micro-batches + one optimizer step + the data-parallel communication.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lorabench.methods import memory_module
+from lorabench.methods import get
 from lorabench.methods.base import MethodConfig
 from lorabench.specs import DTYPE_BYTES, GpuSpec, ModelSpec, TrainSpec
 from lorabench.steptime import calibration as cal_mod
@@ -30,8 +29,15 @@ from lorabench.steptime.work import OP_CLASSES, Work
 
 
 def time_hooks(method: str) -> Any:
-    """The method's torch-free step-time terms (``lorabench.methods.<name>.steptime``)."""
-    return importlib.import_module(f"lorabench.methods.{method}.steptime")
+    """The registered method's torch-free step-time terms (its folder's ``steptime`` module)."""
+    hooks = get(method).step_time
+    if hooks is None:
+        raise ValueError(f"method {method!r} registers no step-time terms")
+    return hooks
+
+
+def estimator(method: str) -> Any:
+    return get(method).estimator
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def _layer_forward(model: ModelSpec, train: TrainSpec) -> Work:
 
 def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: GpuSpec) -> list[Piece]:
     """Every op class's work for one optimizer step, on its roofline."""
-    est, hooks = memory_module(method.name), time_hooks(method.name)
+    est, hooks = estimator(method.name), time_hooks(method.name)
     base = bool(est.trains_base)
     peak = device.peak_flops_per_s(train.compute_dtype)
     t_dtype = est.trainable_dtype(method, train)
@@ -146,7 +152,7 @@ def predict_time(model: ModelSpec, method: MethodConfig, train: TrainSpec, devic
     for p in parts:
         per_op = overhead + (cal.forward_op_overhead_s if p.forward else 0.0)
         comps[p.report_as or p.cls] += p.unit_time_s() / cal.efficiency[p.cls] + p.work.kernels * per_op
-    est = memory_module(method.name)
+    est = estimator(method.name)
     attended = train.seq_len + est.prefix_tokens(method)
     flops = training_flops_per_token(model, bool(est.trains_base), est.trainable_params(model, method), attended)
     tokens = train.tokens_per_step * train.grad_accum_steps * train.num_gpus

@@ -7,7 +7,7 @@ and writing m (a(h + m)), the activation (2am), up (a(m + h)), the add (3ah) and
 
 from __future__ import annotations
 
-from lorabench.memory.method_terms import adapter_dtype
+from lorabench.methods.terms import adapter_dtype
 from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.methods.adapters.memory import bottleneck
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabench.methods.full import memory
+from lorabench.methods.full import memory, steptime
 from lorabench.methods.full.config import FullConfig
 from lorabench.methods.protocols import MethodRuntime
 from lorabench.methods.registry import Method, register
@@ -15,7 +15,7 @@ def load_runtime() -> MethodRuntime:
     return layer
 
 
-METHOD = register(Method(config=FullConfig, estimator=memory, load_runtime=load_runtime,
+METHOD = register(Method(config=FullConfig, estimator=memory, step_time=steptime, load_runtime=load_runtime,
                          default_precision="bf16-mixed"))
 
 __all__ = ["FullConfig", "METHOD"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabench.methods.ia3 import memory
+from lorabench.methods.ia3 import memory, steptime
 from lorabench.methods.ia3.config import IA3Config
 from lorabench.methods.protocols import MethodRuntime
 from lorabench.methods.registry import Method, register
@@ -15,7 +15,7 @@ def load_runtime() -> MethodRuntime:
     return layer
 
 
-METHOD = register(Method(config=IA3Config, estimator=memory, load_runtime=load_runtime,
+METHOD = register(Method(config=IA3Config, estimator=memory, step_time=steptime, load_runtime=load_runtime,
                          sources_anchor="ia3"))
 
 __all__ = ["IA3Config", "METHOD"]

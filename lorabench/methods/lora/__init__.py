@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabench.methods.lora import memory
+from lorabench.methods.lora import memory, steptime
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.protocols import MethodRuntime
 from lorabench.methods.registry import Method, register
@@ -15,7 +15,7 @@ def load_runtime() -> MethodRuntime:
     return layer
 
 
-METHOD = register(Method(config=LoraConfig, estimator=memory, load_runtime=load_runtime,
+METHOD = register(Method(config=LoraConfig, estimator=memory, step_time=steptime, load_runtime=load_runtime,
                          sources_anchor="lora"))
 
 __all__ = ["LoraConfig", "METHOD"]

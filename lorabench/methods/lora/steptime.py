@@ -10,7 +10,7 @@ Backward moves about twice the forward bytes in twice the kernels.
 
 from __future__ import annotations
 
-from lorabench.memory.method_terms import adapter_dtype
+from lorabench.methods.terms import adapter_dtype
 from lorabench.methods.lora import memory
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorabench.methods.prefix import memory
+from lorabench.methods.prefix import memory, steptime
 from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.methods.protocols import MethodRuntime
 from lorabench.methods.registry import Method, register
@@ -15,7 +15,7 @@ def load_runtime() -> MethodRuntime:
     return layer
 
 
-METHOD = register(Method(config=PrefixConfig, estimator=memory, load_runtime=load_runtime,
+METHOD = register(Method(config=PrefixConfig, estimator=memory, step_time=steptime, load_runtime=load_runtime,
                          sources_anchor="prefix"))
 
 __all__ = ["PrefixConfig", "METHOD"]
