@@ -238,11 +238,11 @@ def fallback_environment(device: str) -> dict[str, Any]:
 
 
 def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
-    """Why the single-process runner cannot measure this config on ``device`` (None when it can)."""
-    if specs.train.num_gpus != 1 or specs.train.sharding != "none":
-        return (f"the runner measures one device; num_gpus={specs.train.num_gpus} sharding={specs.train.sharding} "
-                "can be planned (lorabench plan) but not run here")
-    return bnb_cpu_problem(specs, device)
+    """Why this config cannot be measured on ``device`` (None when it can): a world that does not fit
+    (``dist_launch.check_world``), or the bitsandbytes CPU rows problem."""
+    from lorabench.runtime.dist_launch import check_world
+
+    return check_world(specs.train.num_gpus, specs.train.sharding, device) or bnb_cpu_problem(specs, device)
 
 
 def bnb_cpu_problem(specs: JobSpecs, device: str) -> str | None:
@@ -260,6 +260,17 @@ def bnb_cpu_problem(specs: JobSpecs, device: str) -> str | None:
     return None
 
 
+def launch(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> JobOutcome:
+    """One subprocess for a single-device job, torchrun with ``num_gpus`` ranks otherwise."""
+    payload = job_payload(cfg, specs, config)
+    if specs.train.num_gpus > 1:
+        from lorabench.runtime.dist_launch import run_distributed_subprocess
+
+        return run_distributed_subprocess(payload, specs.train.num_gpus, timeout_s=float(cfg.job_timeout_s),
+                                          join_timeout_s=float(cfg.dist_timeout_s), log_dir=_job_dir())
+    return run_job_subprocess(payload, timeout_s=float(cfg.job_timeout_s), log_dir=_job_dir())
+
+
 def check_job(cfg: DictConfig) -> JobSpecs:
     """The job's specs, or UserError when the config cannot be run as given (the planner's rules,
     :mod:`lorabench.validation`, plus a known device and one unsharded process)."""
@@ -269,9 +280,9 @@ def check_job(cfg: DictConfig) -> JobSpecs:
     validate_device(str(cfg.device))
     specs = build_specs(cfg)
     validate(specs.model, specs.method, specs.train)
-    problem = runnable(specs)
+    problem = runnable(specs, resolve_device(str(cfg.device)))
     if problem:
-        raise UserError(problem, "plan it with `lorabench plan --gpus N --sharding ...`, or run num_gpus=1")
+        raise UserError(problem)
     return specs
 
 
@@ -338,8 +349,7 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
     if specs is None or problem:
         outcome = JobOutcome(status="failed", error=problem)
     else:
-        outcome = run_job_subprocess(job_payload(cfg, specs, config), timeout_s=float(cfg.job_timeout_s),
-                                     log_dir=_job_dir())
+        outcome = launch(cfg, specs, config)
     record = make_record(cfg, config, predicted, outcome, errors)
     records.append_record(path, record)
     print(progress_line(k, n, record, time.perf_counter() - t0), flush=True)

@@ -10,8 +10,9 @@ Peak memory of a training step is the largest of three moments (the same phases 
   holds one extra copy of a state: ``sqrt(v)``).
 
 Static state = frozen weights + NF4 weights + trainable weights + optimizer states (+ fp32 master weights).
-Sharding (Rajbhandari et al. 2020, ZeRO, arXiv:1910.02054, Fig. 1): ZeRO-1 divides optimizer states
-(and master weights) by N, ZeRO-2 also gradients, ZeRO-3/FSDP also the weights.
+Multi-GPU (``num_gpus`` > 1) follows torch's implementations rank by rank (:mod:`lorabench.memory.sharding`):
+DDP's gradient buckets, ZeRO-1's partitioned optimizer, FSDP2's shards, all-gathered layers and
+reduce-scatter buffers; two more moments then compete: the bottom layer's and the root's reduce-scatter.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.memory import activations as act
+from lorabench.memory import sharding as sh
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
@@ -93,7 +95,7 @@ def validate(model: ModelSpec, method: MethodConfig, train: TrainSpec) -> None:
 
 
 def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpec,
-                         hooks: Estimator) -> list[tuple[int, int, int]]:
+                         hooks: Estimator, done_grad_div: int = 1) -> list[tuple[int, int, int]]:
     """(activations, logits, parameter gradients) bytes at the candidate peaks of backward.
 
     1. the loss backward: everything the forward saved + log-softmax and its two gradient buffers;
@@ -105,6 +107,7 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     4. with checkpointing, the top layer's recomputed forward: its temporaries at their fullest plus the
        gradient already waiting at its output.
     Between 2 and 3 live bytes change linearly layer by layer, so the extremes bound every layer.
+    ``done_grad_div``: finished layers keep 1/N of their gradients (FSDP's reduce-scatter), else 1.
     """
     ctx = act.layer_ctx(model, method, train, hooks)
     first = act.layer_memory(ctx, hooks.trains_base)  # trainable embeddings make every hidden state need grad
@@ -113,10 +116,10 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     logits_bwd = act.logits_peak_bytes(ctx)
     n = model.num_layers
     # When the top layer's backward runs, the head's parameter gradients already exist (full FT).
-    head_grads = (model.lm_head_params or model.vocab_size * model.hidden_size) + model.final_norm_params
-    head_grads = int(head_grads * DTYPE_BYTES[train.param_dtype]) if hooks.trains_base else 0
+    head_grads = _head_grad_bytes(model, train, hooks)
     top_grads = head_grads + rest.backward_peak_param_grad_bytes
-    bottom_grads = head_grads + (n - 1) * rest.param_grad_bytes + first.backward_peak_param_grad_bytes
+    bottom_grads = (head_grads + sh.ceil_div((n - 1) * rest.param_grad_bytes, done_grad_div)
+                    + first.backward_peak_param_grad_bytes)
     kept_grads = (n - 1) * hooks.persistent_gradient_bytes(ctx)  # left alive by the layers above
     if train.gradient_checkpointing:
         ckpt = act.checkpoint_saved_bytes(ctx)
@@ -130,11 +133,41 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
             (top, 0, top_grads), (kept_grads + first.backward_peak_bytes, 0, bottom_grads)]
 
 
-def _shard(components: dict[str, int], train: TrainSpec) -> dict[str, int]:
-    n = train.num_gpus
-    level = SHARDINGS.index(train.sharding)
-    div = {"optimizer": 1, "master_weights": 1, "gradients": 2, "trainable": 3, "weights": 3, "quantized_weights": 3}
-    return {k: (-(-v // n) if k in div and level >= div[k] else v) for k, v in components.items()}
+def _head_grad_bytes(model: ModelSpec, train: TrainSpec, hooks: Any) -> int:
+    """Gradients of lm_head and the final norm, created before any decoder layer's backward (full FT)."""
+    head = (model.lm_head_params or model.vocab_size * model.hidden_size) + model.final_norm_params
+    return int(head * DTYPE_BYTES[train.param_dtype]) if hooks.trains_base else 0
+
+
+def _forward_logits_bytes(model: ModelSpec, train: TrainSpec) -> int:
+    """Logits at the end of the forward: the compute-dtype logits, their fp32 copy (the same tensor in fp32)
+    and log_softmax's fp32 output; the backward's third fp32 buffer does not exist yet
+    (:func:`lorabench.memory.activations.logits_peak_bytes`)."""
+    tv = train.micro_batch_size * train.seq_len * model.vocab_size
+    e = DTYPE_BYTES[train.compute_dtype]
+    return int((e if e < 4 else 0) * tv + 2 * 4 * tv)
+
+
+def _zero1_share(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: Any, n_train: int) -> float | None:
+    """The largest rank's share of the optimizer states under zero1 (None: not zero1, or an even split of
+    a method's many small tensors, which the greedy partition balances to within a few elements)."""
+    if train.sharding != "zero1" or sh.world(train) == 1:
+        return None
+    tensors = getattr(hooks, "trainable_tensor_numels", None)
+    numels = sh.base_tensor_numels(model) if hooks.trains_base else (tensors(model, method) if tensors else None)
+    return sh.zero1_largest_share(numels, sh.world(train)) if numels else None
+
+
+def _final_hidden_bytes(model: ModelSpec, train: TrainSpec, hooks: Any) -> int:
+    """The final norm's output, still referenced by the causal LM's forward while it computes the loss;
+    a trained lm_head saves it anyway (counted among the saved tensors)."""
+    return 0 if hooks.trains_base else int(train.micro_batch_size * train.seq_len * model.hidden_size
+                                           * DTYPE_BYTES[train.param_dtype])
+
+
+def _no_root(model: ModelSpec, method: MethodConfig) -> int:
+    """Trainable parameters a method keeps outside the decoder layers (besides a trained base): none."""
+    return 0
 
 
 def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSpec | None = None) -> Prediction:
@@ -148,24 +181,43 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     state_b = train.optimizer.state_bytes_per_element
     opt = int(train.optimizer.states_per_param * n_train * (state_b if state_b is not None else DTYPE_BYTES[t_dtype]))
     master = 4 * n_train if train.master_weights and t_dtype != "fp32" else 0
-    base = _shard({"weights": weights, "quantized_weights": quantized, "trainable": t_bytes, "gradients": t_bytes,
-                   "optimizer": opt, "master_weights": master}, train)
-    gathered = 0
-    if train.sharding == "zero3" and train.num_gpus > 1:
-        # FSDP gathers one layer's full weights (and prefetches the next) around each layer's compute.
-        gathered = 2 * int(model.layer_params() * DTYPE_BYTES[t_dtype if hooks.trains_base else train.param_dtype])
+    full = {"weights": weights, "quantized_weights": quantized, "trainable": t_bytes, "gradients": t_bytes,
+            "optimizer": opt, "master_weights": master}
+    base = sh.shard_state(full, train, _zero1_share(model, method, train, hooks, n_train))
     static = {k: base[k] for k in ("weights", "quantized_weights", "trainable", "optimizer", "master_weights")}
     opt_temp = base["optimizer"] // max(train.optimizer.states_per_param, 1) if train.optimizer.states_per_param else 0
-    loss_peak, top_peak, bottom_peak = _backward_candidates(model, method, train, hooks)
+    fsdp, n = sh.is_fsdp(train), sh.world(train)
+    loss_peak, top_peak, bottom_peak = _backward_candidates(model, method, train, hooks, n if fsdp else 1)
+    groups = sh.fsdp_groups(model, weights, t_bytes, hooks.trains_base,
+                            int(getattr(hooks, "root_trainable_params", _no_root)(model, method) * DTYPE_BYTES[t_dtype]),
+                            DTYPE_BYTES[train.param_dtype])
+    bucket = sh.ddp_bucket_bytes(train, t_bytes)
+    kept = sh.kept_all_gather_bytes(groups, train)
+
+    def moment(moment_name: str, activations: int, logits: int, grads: int) -> dict[str, int]:
+        frozen, trainable = sh.gathered_bytes(groups, train, moment_name, model.num_layers)
+        # Unsharded gradients exist beside FSDP's shards; one device (or DDP) holds at most all of them.
+        grads = grads if fsdp else min(grads, base["gradients"])
+        return dict(static, weights=static["weights"] + frozen, trainable=static["trainable"] + trainable,
+                    gradients=grads + bucket, activations=activations, logits=logits)
+
     candidates = {
-        "backward": dict(static, gradients=0, activations=loss_peak[0] + gathered, logits=loss_peak[1]),
-        "backward_top_layer": dict(static, gradients=min(top_peak[2], base["gradients"]),
-                                   activations=top_peak[0] + gathered, logits=0),
-        "backward_bottom_layer": dict(static, gradients=min(bottom_peak[2], base["gradients"]),
-                                      activations=bottom_peak[0] + gathered, logits=0),
-        "backward_end": dict(static, gradients=base["gradients"], activations=0, logits=0),
-        "optimizer": dict(static, gradients=base["gradients"], activations=opt_temp, logits=0),
+        "backward": moment("loss", loss_peak[0], loss_peak[1], 0),
+        "backward_top_layer": moment("top", top_peak[0], 0, top_peak[2]),
+        "backward_bottom_layer": moment("bottom", bottom_peak[0], 0,
+                                        bottom_peak[2] + sh.retained_reduce_input_bytes(groups, train, model.num_layers)),
+        "backward_end": moment("end", 0, 0, base["gradients"]),
+        "optimizer": moment("optimizer", opt_temp, 0, base["gradients"]),
     }
+    if fsdp:
+        # The forward's end (the loss runs inside the root's forward) still holds the top layer's flat
+        # all-gather output; the loss backward frees it and adds one fp32 b*s*V gradient instead.
+        candidates["forward_loss"] = moment("forward", loss_peak[0] + kept + _final_hidden_bytes(model, train, hooks),
+                                            _forward_logits_bytes(model, train), 0)
+        bottom_rs, root_rs = sh.reduce_scatter_moments(groups, train, model.num_layers,
+                                                       _head_grad_bytes(model, train, hooks))
+        candidates["backward_reduce_bottom"] = moment("reduce", 0, 0, bottom_rs)
+        candidates["backward_reduce_root"] = moment("end", 0, 0, root_rs)
     totals = {k: sum(v.values()) for k, v in candidates.items()}
     phase = max(totals, key=lambda k: totals[k])
     comps = {c: 0 for c in PLANNER_COMPONENTS}

@@ -18,6 +18,7 @@ from lorabench.errors import UserError
 from lorabench.records import RECORDS_FILE, latest_per_run, read_records, to_frame
 from lorabench.report import plots, tables
 from lorabench.report.frame import col, prepare
+from lorabench.report.ranks import per_rank_section
 
 DEFAULT_GPU = "h100-80gb"
 #: env keys shown in the versions table ("device_name" is titled "device").
@@ -270,6 +271,7 @@ def build_report(results: str | Path, out: str | Path | None = None,
         part = runs[runs["device_name"] == device].reset_index(drop=True)
         suffix = "" if len(devices) == 1 else "-" + _slug(device)
         lines += _device_section(part, out_dir, device, suffix, "##", gpu_memory)
+    lines += per_rank_section(records)
     lines += _decisions(flat, runs, gpu)
     readme = out_dir / "README.md"
     readme.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -61,12 +61,21 @@ def _quant_state_tensors(param: torch.Tensor) -> Iterator[tuple[str, torch.Tenso
         state, path = getattr(state, "state2", None), path + "state2."
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a ``DTensor`` (FSDP2's sharded parameters, their gradients and optimizer
+    states), whose storage holds this rank's bytes; any other tensor itself. A DTensor op runs its local op
+    below this mode, so the mode sees the DTensor output and counts its local storage."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
 def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Plain tensors inside an op's output (lists, tuples, dicts); sparse/storage-less ones skipped."""
+    """Plain (or DTensor-local) tensors inside an op's output (lists, tuples, dicts); sparse/storage-less
+    ones skipped."""
     leaves, _ = tree_flatten(value)
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-            yield leaf
+            yield local_tensor(leaf)
 
 
 class StorageInfo(NamedTuple):
@@ -158,6 +167,7 @@ class MemoryTracker(TorchDispatchMode):
         """Count ``tensor``'s storage (if new) and file it under ``category`` (retagging it if known)."""
         if category not in self._totals:
             raise ValueError(f"unknown category {category!r}; use one of {TRACE_CATEGORIES}")
+        tensor = local_tensor(tensor)
         with self._lock:
             storage = tensor.untyped_storage()
             key = storage._cdata
@@ -167,6 +177,29 @@ class MemoryTracker(TorchDispatchMode):
                 self._update_peak()
             elif entry[1] != category:
                 self._retag(entry, category)
+
+    def resync(self, tensor: torch.Tensor, category: str | None = None) -> None:
+        """Follow a storage resized in place outside the dispatcher (``untyped_storage().resize_()``, which
+        FSDP2 uses to free and re-allocate its all-gather buffers), optionally retagging it; a storage not
+        seen before is counted under ``category`` (default activations)."""
+        tensor = local_tensor(tensor)
+        with self._lock:
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            entry = self._live.get(key)
+            if entry is None:
+                self._add(storage, key, category or ACTIVATIONS, "resize", tensor)
+                self._update_peak()
+                return
+            if category is not None and entry[1] != category:
+                self._retag(entry, category)
+            delta = storage.nbytes() - entry[0]
+            if delta:
+                entry[0] += delta
+                self.current_bytes += delta
+                self._totals[entry[1]] += delta
+                if delta > 0:
+                    self._update_peak()
 
     def track_model(self, model: torch.nn.Module) -> None:
         """Register every parameter and buffer of ``model``; hook trainable params to tag their grads.

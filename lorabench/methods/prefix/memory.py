@@ -57,3 +57,18 @@ def persistent_gradient_bytes(ctx: LayerCtx) -> int:
     m, t = ctx.model, ctx.train
     e = DTYPE_BYTES[t.compute_dtype]
     return int(2 * t.micro_batch_size * m.num_kv_heads * (t.seq_len + ctx.method.num_virtual_tokens) * m.head_dim * e)
+
+
+def trainable_tensor_numels(model: ModelSpec, cfg: PrefixConfig) -> list[int]:
+    """Element counts of each trainable tensor (ZeRO-1 partitions whole tensors): the prefix embedding,
+    or the encoder's embedding, two weights and two biases."""
+    v, d, n = cfg.num_virtual_tokens, token_dim(model), model.num_layers
+    if not cfg.prefix_projection:
+        return [v * 2 * n * d]
+    h = cfg.encoder_hidden_size or d
+    return [v * d, d * h, h, h * 2 * n * d, 2 * n * d]
+
+
+def root_trainable_params(model: ModelSpec, cfg: PrefixConfig) -> int:
+    """Every trainable parameter (the prefix or its encoder) sits outside the decoder layers."""
+    return trainable_params(model, cfg)
