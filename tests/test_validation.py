@@ -106,7 +106,7 @@ def hydra_conf():  # type: ignore[no-untyped-def]
     (["train.seq_len=abc"], "train.seq_len='abc' is not an integer"),
     (["train.gradient_checkpointing=3"], "is not true or false"),
     (["+train.bogus=1"], "unknown train field 'bogus'"),
-    (["train.num_gpus=2", "train.sharding=zero3"], "the runner measures one device"),
+    (["train.num_gpus=4096", "train.sharding=zero3"], "exceeds the"),
     (["method=adapters", "method.reduction_factor=100000"], "exceeds"),
     (["method=lora", "method.r=0"], "rank r=0"),
     (["model=tiny-llama", "train.seq_len=1000000"], "max_position_embeddings"),

@@ -69,14 +69,17 @@ def test_merge_ranks_names_a_dead_rank_by_its_last_line(tmp_path: Path) -> None:
     assert both.status == "oom" and both.measured["per_rank_peak_bytes"] == [10, 10]
 
 
-def test_sweep_records_a_refused_world_as_failed_without_launching(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.num_gpus=4096", "train.sharding=zero3"], "exceeds the"),
+    (["train.num_gpus=1", "train.sharding=zero2"], "zero2"),
+])
+def test_the_runner_refuses_a_bad_world_before_launching(tmp_path: Path, overrides: list[str], needle: str) -> None:
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([os.sys.executable, "-m", "lorabench.sweep", "device=cpu", "train.sharding=zero3",
+    out = subprocess.run([os.sys.executable, "-m", "lorabench.sweep", "device=cpu", *overrides,
                           f"results_dir={tmp_path}", "sweep_name=t", f"hydra.run.dir={tmp_path}/h"],
                          cwd=root, capture_output=True, text=True, timeout=120)
-    rec = json.loads((tmp_path / "t" / "records.jsonl").read_text())
-    assert rec["status"] == "failed" and "needs train.num_gpus > 1" in rec["error"], out.stdout + out.stderr
-    assert rec["measured"] is None
+    assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "t" / "records.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------- real ranks
