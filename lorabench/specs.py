@@ -262,6 +262,21 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16
 #: Optimizer state layouts lorabench plans and runs (conf/optimizer/<name>.yaml for each).
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd", "sgd_momentum")
 
+#: Hugging Face Trainer ``optim`` strings (transformers ``OptimizerNames``) -> (lorabench optimizer, AdamW
+#: implementation it implies, None: the default). ``adamw_torch`` is torch's AdamW with its default
+#: implementation (foreach on CUDA); ``adamw_torch_fused`` passes ``fused=True``.
+OPTIMIZER_ALIASES: dict[str, tuple[str, str | None]] = {
+    "adamw_torch": ("adamw", None),
+    "adamw_torch_fused": ("adamw", "fused"),
+    "adamw_bnb_8bit": ("adamw_8bit", None),
+    "paged_adamw_32bit": ("paged_adamw", None),
+}
+
+
+def resolve_optimizer(name: str) -> tuple[str, str | None]:
+    """(lorabench optimizer name, implied AdamW implementation or None) of a name or an HF ``optim`` alias."""
+    return OPTIMIZER_ALIASES.get(name, (name, None))
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -282,6 +297,8 @@ class TrainSpec:
         sharding: ``none``, ``zero1`` (optimizer states), ``zero2`` (+ gradients), ``zero3`` (+ weights;
             FSDP full shard).
         master_weights: keep an fp32 copy of 16-bit trainable weights in the optimizer.
+        adamw_impl: torch AdamW implementation, ``foreach`` (torch's CUDA default), ``fused`` or ``for-loop``:
+            they differ in the optimizer step's temporaries (:mod:`lorabench.memory.optimizer_step`).
         allow_long_context: plan/run a ``seq_len`` above the model's ``max_position_embeddings`` (RoPE
             models only; learned positions never allow it).
     """
@@ -297,10 +314,11 @@ class TrainSpec:
     sharding: str = "none"
     master_weights: bool = False
     allow_long_context: bool = False
+    adamw_impl: str = "foreach"
 
     #: Fields added after record schema 1 was first written: left out of a record at their default, so that
     #: records (and run ids) of configs that do not use them stay what they were.
-    RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False}
+    RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach"}
 
     def to_record(self) -> dict[str, Any]:
         """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""

@@ -64,6 +64,7 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     from lorabench.architectures import spec_from_hf_config
     from lorabench.catalog import load_gpu, load_model
     from lorabench.methods import make_config
+    from lorabench.specs import resolve_optimizer
     from lorabench.validation import train_from_fields
 
     name = str(cfg.model.name)
@@ -75,7 +76,10 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     method = make_config(str(cfg.method.name), knobs)
     train_fields = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                     if k not in RUNNER_TRAIN_KEYS}
-    train = train_from_fields(train_fields, optimizer=str(cfg.optimizer.name))
+    optimizer, implied = resolve_optimizer(str(cfg.optimizer.name))  # an HF optim alias implies its impl
+    if train_fields.get("adamw_impl") is None:
+        train_fields["adamw_impl"] = implied or "foreach"
+    train = train_from_fields(train_fields, optimizer=optimizer)
     gpu = load_gpu(str(cfg.gpu.name)) if cfg.get("gpu") else None
     return JobSpecs(model=model, method=method, train=train, gpu=gpu, hf_overrides=overrides)
 

@@ -83,6 +83,9 @@ def validate_train(train: TrainSpec) -> None:
     _choice(train.attention, ATTENTIONS, "attention")
     _choice(train.sharding, SHARDINGS, "sharding")
     validate_optimizer(train.optimizer)
+    from lorabench.memory.optimizer_step import ADAMW_IMPLS
+
+    _choice(train.adamw_impl, ADAMW_IMPLS, "adamw_impl")
     require(train.sharding == "none" or train.num_gpus > 1,
             f"sharding {train.sharding} with 1 GPU shards nothing",
             "pass --gpus 2 or more (train.num_gpus), or drop --sharding")

@@ -6,9 +6,12 @@ import argparse
 from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
+from lorabench.errors import UserError
 from lorabench.methods import METHOD_NAMES, MethodConfig, make_config
-from lorabench.specs import OPTIMIZER_NAMES as OPTIMIZERS
+from lorabench.memory.optimizer_step import ADAMW_IMPLS
+from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, resolve_optimizer
 from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
+OPTIMIZERS = OPTIMIZER_NAMES + tuple(OPTIMIZER_ALIASES)
 FORMATS = ("table", "markdown", "json", "csv")
 
 #: CLI flag -> method-config field (None default = the method's own default).
@@ -59,7 +62,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="recompute each layer in backward")
     g.add_argument("--attention", choices=("sdpa", "eager"), default=None,
                    help="default sdpa (eager for Gemma-2, which transformers runs without sdpa)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", metavar="OPTIMIZER",
+                   help=f"one of {', '.join(OPTIMIZER_NAMES)}, or an HF Trainer optim string "
+                        f"({', '.join(OPTIMIZER_ALIASES)}); default adamw")
+    g.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=None,
+                   help="torch AdamW implementation: foreach (default, torch on CUDA), fused, for-loop")
     g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
                    help="micro-batches per optimizer step (does not change peak memory)")
     g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
@@ -100,12 +107,23 @@ def default_attention(model: ModelSpec | None) -> str:
     return "eager" if model is not None and model.model_type == "gemma2" else "sdpa"
 
 
+def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
+    """(optimizer, AdamW implementation): an HF alias implies its implementation unless --adamw-impl says."""
+    name, implied = resolve_optimizer(args.optimizer)
+    explicit = getattr(args, "adamw_impl", None)
+    if explicit and implied and explicit != implied:
+        raise UserError(f"--optimizer {args.optimizer} means --adamw-impl {implied}, not {explicit}",
+                        f"drop --adamw-impl or pass --optimizer {name}")
+    return OptimizerSpec(name), explicit or implied or "foreach"
+
+
 def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
     precision = args.precision or ("bf16-mixed" if method == "full" else "bf16")
+    optimizer, impl = optimizer_from_args(args)
     return TrainSpec(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, precision=precision,
                      gradient_checkpointing=bool(args.gradient_checkpointing),
                      attention=args.attention or default_attention(model),
-                     optimizer=OptimizerSpec(args.optimizer), grad_accum_steps=args.grad_accum_steps,
+                     optimizer=optimizer, adamw_impl=impl, grad_accum_steps=args.grad_accum_steps,
                      num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),
                      allow_long_context=bool(args.allow_long_context))
 

@@ -22,7 +22,7 @@ from lorabench.render import render
 from lorabench.units import gib, human_count
 
 SHORT = {"weights": "weights", "quantized_weights": "nf4", "trainable": "trainable", "gradients": "grads",
-         "optimizer": "optim", "master_weights": "master", "activations": "activ", "logits": "logits",
+         "optimizer": "optim", "master_weights": "master", "optimizer_temp": "opt tmp", "activations": "activ", "logits": "logits",
          "cuda_context": "ctx", "allocator_slack": "slack"}
 
 

@@ -15,6 +15,7 @@ PLANNER_COMPONENTS: tuple[str, ...] = (
     "gradients",          # .grad of trainable parameters
     "optimizer",          # optimizer states (Adam m and v; momentum)
     "master_weights",     # fp32 copies of 16-bit trainable weights kept by the optimizer
+    "optimizer_temp",     # temporaries of the optimizer step (foreach AdamW's sqrt(v)) when the peak is in it
     "activations",        # tensors saved for backward and live temporaries at the peak
     "logits",             # logits, fp32 upcast, log-softmax and their gradients
     "cuda_context",       # CUDA context + library workspaces (device level only)
@@ -39,6 +40,7 @@ PLANNER_TO_TRACE: dict[str, str | None] = {
     "gradients": "gradients",
     "optimizer": "optimizer",
     "master_weights": "optimizer",
+    "optimizer_temp": "activations",
     "activations": "activations",
     "logits": "activations",
     "cuda_context": None,

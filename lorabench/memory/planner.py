@@ -5,9 +5,11 @@ Peak memory of a training step is the largest of three moments (the same phases 
 * backward start (phase ``backward``): static state + every tensor the forward saved + the loss
   backward's buffers (Korthikanti et al. 2022 call these "activations"; here they come from
   :mod:`lorabench.memory.activations`);
-* end of backward (phase ``backward``): static state + all gradients;
-* optimizer step (phase ``optimizer``): static state + gradients + the step's temporaries (foreach AdamW
-  holds one extra copy of a state: ``sqrt(v)``).
+* end of backward (phase ``backward``): static state + all gradients (+ the accumulation transient of a
+  trained tied embedding);
+* optimizer step (phase ``optimizer``): static state + gradients + the step's temporaries, the
+  ``optimizer_temp`` component (foreach AdamW holds one extra copy of a state: ``sqrt(v)``; see
+  :mod:`lorabench.memory.optimizer_step`).
 
 Static state = frozen weights + NF4 weights + trainable weights + optimizer states (+ fp32 master weights).
 Multi-GPU (``num_gpus`` > 1) follows torch's implementations rank by rank (:mod:`lorabench.memory.sharding`):
@@ -25,6 +27,7 @@ from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.memory import activations as act
 from lorabench.memory import sharding as sh
 from lorabench.memory.categories import PLANNER_COMPONENTS
+from lorabench.memory.optimizer_step import step_temporary_bytes, tied_embedding_transient_bytes
 from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
 from lorabench.methods.protocols import Estimator
@@ -185,7 +188,11 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
             "optimizer": opt, "master_weights": master}
     base = sh.shard_state(full, train, _zero1_share(model, method, train, hooks, n_train))
     static = {k: base[k] for k in ("weights", "quantized_weights", "trainable", "optimizer", "master_weights")}
-    opt_temp = base["optimizer"] // max(train.optimizer.states_per_param, 1) if train.optimizer.states_per_param else 0
+    largest = getattr(hooks, "largest_trainable_params", lambda m, c: n_train)(model, method)
+    opt_temp = step_temporary_bytes(train.optimizer, train.adamw_impl, base["optimizer"],
+                                    int(largest * (state_b if state_b is not None else DTYPE_BYTES[t_dtype])))
+    tied = tied_embedding_transient_bytes(model.vocab_size, model.hidden_size, DTYPE_BYTES[t_dtype],
+                                          hooks.trains_base and model.tie_word_embeddings)
     fsdp, n = sh.is_fsdp(train), sh.world(train)
     loss_peak, top_peak, bottom_peak = _backward_candidates(model, method, train, hooks, n if fsdp else 1)
     groups = sh.fsdp_groups(model, weights, t_bytes, hooks.trains_base,
@@ -194,20 +201,20 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     bucket = sh.ddp_bucket_bytes(train, t_bytes)
     kept = sh.kept_all_gather_bytes(groups, train)
 
-    def moment(moment_name: str, activations: int, logits: int, grads: int) -> dict[str, int]:
+    def moment(moment_name: str, activations: int, logits: int, grads: int, temp: int = 0) -> dict[str, int]:
         frozen, trainable = sh.gathered_bytes(groups, train, moment_name, model.num_layers)
         # Unsharded gradients exist beside FSDP's shards; one device (or DDP) holds at most all of them.
         grads = grads if fsdp else min(grads, base["gradients"])
         return dict(static, weights=static["weights"] + frozen, trainable=static["trainable"] + trainable,
-                    gradients=grads + bucket, activations=activations, logits=logits)
+                    gradients=grads + bucket, optimizer_temp=temp, activations=activations, logits=logits)
 
     candidates = {
         "backward": moment("loss", loss_peak[0], loss_peak[1], 0),
         "backward_top_layer": moment("top", top_peak[0], 0, top_peak[2]),
         "backward_bottom_layer": moment("bottom", bottom_peak[0], 0,
                                         bottom_peak[2] + sh.retained_reduce_input_bytes(groups, train, model.num_layers)),
-        "backward_end": moment("end", 0, 0, base["gradients"]),
-        "optimizer": moment("optimizer", opt_temp, 0, base["gradients"]),
+        "backward_end": moment("end", tied, 0, base["gradients"]),
+        "optimizer": moment("optimizer", 0, 0, base["gradients"], temp=opt_temp),
     }
     if fsdp:
         # The forward's end (the loss runs inside the root's forward) still holds the top layer's flat

@@ -168,7 +168,8 @@ class Measurement:
         self.trainable_params = count_trainable(model)
         batch = synthetic_batch(self.spec.vocab_size, self.train.micro_batch_size, self.train.seq_len,
                                 self.device, seed)
-        optimizer = make_optimizer(model.parameters(), self.train.optimizer, float(self.payload["lr"]), foreach=True)
+        optimizer = make_optimizer(model.parameters(), self.train.optimizer, float(self.payload["lr"]),
+                                   impl=self.train.adamw_impl)
         autocast = autocast_dtype_for(self.train.precision)
         if cuda:
             torch.cuda.synchronize()

@@ -51,7 +51,7 @@ def synthetic_batch(vocab_size: int, micro_batch_size: int, seq_len: int, device
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optimizer_spec: OptimizerSpec | str, lr: float = 1e-4,
-                   foreach: bool | None = None) -> torch.optim.Optimizer:
+                   foreach: bool | None = None, impl: str | None = None) -> torch.optim.Optimizer:
     """Build the optimizer named by ``optimizer_spec``.
 
     Args:
@@ -66,16 +66,21 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optimizer_spec: Optimiz
             implementation on CUDA and the per-parameter loop on CPU. The foreach AdamW allocates one
             temporary the size of all states of a dtype (``exp_avg_sq.sqrt()``) at once; the loop only one
             parameter's worth. The trace passes True to reproduce a CUDA run.
+        impl: ``TrainSpec.adamw_impl`` (torch optimizers only), overriding ``foreach``: ``foreach``
+            (``foreach=True``), ``fused`` (``fused=True``) or ``for-loop`` (``foreach=False``).
 
     Raises:
         UserError: unknown optimizer, or a bitsandbytes optimizer that cannot be imported.
     """
     name = optimizer_spec.name if isinstance(optimizer_spec, OptimizerSpec) else str(optimizer_spec)
     params = [p for p in params if p.requires_grad]
+    kwargs: dict[str, Any] = {"foreach": foreach}
+    if impl is not None:
+        kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
+        return torch.optim.AdamW(params, lr=lr, **kwargs)
     if name in ("sgd", "sgd_momentum"):
-        return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "sgd_momentum" else 0.0, foreach=foreach)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9 if name == "sgd_momentum" else 0.0, **kwargs)
     if name in BNB_OPTIMIZERS:
         return _bnb_optimizer(name, params, lr)
     raise UserError(f"unknown optimizer {name!r}",

@@ -163,7 +163,7 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
         configure(tracker, model)
     try:
         # Built outside fake mode: bitsandbytes' constructors compute their quantization maps from values.
-        optimizer = make_optimizer(model.parameters(), train.optimizer, TRACE_LR, foreach=True)
+        optimizer = make_optimizer(model.parameters(), train.optimizer, TRACE_LR, impl=train.adamw_impl)
         with contextlib.ExitStack() as stack:
             if fake_mode is not None:
                 stack.enter_context(fake_mode)

@@ -19,7 +19,7 @@ from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
 __all__ = ["linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
-           "bottleneck", "check"]
+           "bottleneck", "check", "largest_trainable_params"]
 
 trains_base = False
 
@@ -39,6 +39,10 @@ def trainable_params(model: ModelSpec, cfg: AdaptersConfig) -> int:
     h, m = model.hidden_size, bottleneck(model, cfg)
     return model.num_layers * cfg.adapters_per_layer * (2 * h * m + m + h)
 
+
+def largest_trainable_params(model: ModelSpec, cfg: AdaptersConfig) -> int:
+    """The down (m x h) or up (h x m) projection of one adapter."""
+    return model.hidden_size * bottleneck(model, cfg)
 
 def trainable_dtype(cfg: AdaptersConfig, train: TrainSpec) -> str:
     return adapter_dtype(cfg, train)

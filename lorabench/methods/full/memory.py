@@ -10,7 +10,8 @@ from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.full.config import FullConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
-__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage"]
+__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
+           "largest_trainable_params"]
 
 trains_base = True
 
@@ -19,6 +20,10 @@ def trainable_params(model: ModelSpec, cfg: FullConfig) -> int:
     """P, every parameter (tied embeddings once)."""
     return model.total_params
 
+
+def largest_trainable_params(model: ModelSpec, cfg: FullConfig) -> int:
+    """The largest parameter tensor: the V x h embedding (or lm_head) or the largest layer matrix."""
+    return max([model.vocab_size * model.hidden_size] + [m.weight_params for m in model.matrices])
 
 def trainable_dtype(cfg: FullConfig, train: TrainSpec) -> str:
     return train.param_dtype

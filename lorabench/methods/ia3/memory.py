@@ -19,7 +19,7 @@ from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGE
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
-           "targets", "is_feedforward"]
+           "targets", "is_feedforward", "largest_trainable_params"]
 
 trains_base = False
 
@@ -41,6 +41,10 @@ def trainable_params(model: ModelSpec, cfg: IA3Config) -> int:
     per_layer = sum(m.in_features if is_feedforward(model, cfg, m) else m.out_features for m in targets(model, cfg))
     return model.num_layers * per_layer
 
+
+def largest_trainable_params(model: ModelSpec, cfg: IA3Config) -> int:
+    """The largest scaling vector."""
+    return max(m.in_features if is_feedforward(model, cfg, m) else m.out_features for m in targets(model, cfg))
 
 def trainable_dtype(cfg: IA3Config, train: TrainSpec) -> str:
     return adapter_dtype(cfg, train)

@@ -20,7 +20,7 @@ from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
-           "targets", "adapter_path", "check"]
+           "targets", "adapter_path", "check", "largest_trainable_params"]
 
 trains_base = False
 
@@ -42,6 +42,10 @@ def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
     """L * sum r * (in + out) over targeted linears (A: r x in, B: out x r)."""
     return model.num_layers * sum(cfg.r * (m.in_features + m.out_features) for m in targets(model, cfg))
 
+
+def largest_trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
+    """The largest adapter tensor: A (r x in) or B (out x r) of a targeted matrix."""
+    return max(cfg.r * max(m.in_features, m.out_features) for m in targets(model, cfg))
 
 def trainable_dtype(cfg: LoraConfig, train: TrainSpec) -> str:
     return adapter_dtype(cfg, train)

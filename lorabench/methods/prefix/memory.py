@@ -18,7 +18,7 @@ from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 
 __all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
-           "token_dim"]
+           "token_dim", "largest_trainable_params"]
 
 trains_base = False
 
@@ -37,6 +37,14 @@ def trainable_params(model: ModelSpec, cfg: PrefixConfig) -> int:
     h = cfg.encoder_hidden_size or d
     return v * d + (d * h + h) + (h * 2 * n * d + 2 * n * d)
 
+
+def largest_trainable_params(model: ModelSpec, cfg: PrefixConfig) -> int:
+    """The prefix embedding (V x 2 L D), or with the projection its largest tensor."""
+    v, d, n = cfg.num_virtual_tokens, token_dim(model), model.num_layers
+    if not cfg.prefix_projection:
+        return v * 2 * n * d
+    h = cfg.encoder_hidden_size or d
+    return max(v * d, d * h, h * 2 * n * d)
 
 def trainable_dtype(cfg: PrefixConfig, train: TrainSpec) -> str:
     return adapter_dtype(cfg, train)
