@@ -12,7 +12,7 @@ SYSTEM_SITE ?= 0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: env test demo plan-bench clean-venv
+.PHONY: env test demo plan-bench docs docs-slow docs-check clean-venv
 
 env: $(STAMP)
 
@@ -34,6 +34,19 @@ demo: $(STAMP)
 
 plan-bench: $(STAMP)
 	$(BIN)/python scripts/bench_plan_startup.py
+
+# README.md and docs/*.md: every command-output block between <!-- docs ... --> markers is generated from a
+# real run (scripts/readme.py; syntax in docs/ARCHITECTURE.md). `docs` re-runs the fast commands, `docs-slow`
+# also the slow ones (a sweep, a 70B trace) and records their date, commit and wall time; tests/test_readme.py
+# fails when a fast block differs from what today's code prints.
+docs: $(STAMP)
+	$(BIN)/python scripts/readme.py
+
+docs-slow: $(STAMP)
+	$(BIN)/python scripts/readme.py --slow
+
+docs-check: $(STAMP)
+	$(BIN)/python scripts/readme.py --check
 
 clean-venv:
 	rm -rf $(VENV)
