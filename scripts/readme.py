@@ -27,6 +27,7 @@ import difflib
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -59,6 +60,7 @@ class Block:
     block_id: str = ""
     head: int = 0
     tail: int = 0
+    drop: str = ""
     include: tuple[str, str] | None = None
     options: dict[str, str] = field(default_factory=dict)
 
@@ -80,7 +82,7 @@ def parse_spec(spec: str) -> Block:
         include, words = (words[1], words[2]), []
     opts = dict(w.split("=", 1) for w in words if "=" in w)
     flags = {w for w in words if "=" not in w}
-    unknown = (flags - {"slow"}) | (set(opts) - {"id", "head", "tail", "fresh"})
+    unknown = (flags - {"slow"}) | (set(opts) - {"id", "head", "tail", "fresh", "drop"})
     if unknown:
         raise DocsError(f"unknown marker option(s) {sorted(unknown)}")
     if not commands and include is None:
@@ -90,7 +92,8 @@ def parse_spec(spec: str) -> Block:
     if "fresh" in opts and not opts["fresh"].startswith(SCRATCH):
         raise DocsError(f"fresh= may only empty a folder under {' or '.join(SCRATCH)}")
     return Block(commands=commands, slow="slow" in flags, block_id=opts.get("id", ""),
-                 head=int(opts.get("head", 0)), tail=int(opts.get("tail", 0)), include=include, options=opts)
+                 head=int(opts.get("head", 0)), tail=int(opts.get("tail", 0)), drop=opts.get("drop", ""),
+                 include=include, options=opts)
 
 
 def argv_for(command: str) -> list[str]:
@@ -104,7 +107,9 @@ def argv_for(command: str) -> list[str]:
 
 
 def run_command(command: str, timeout_s: float, root: Path = ROOT) -> tuple[str, float]:
-    """Run one command as a user would; return (stdout + stderr as printed, wall seconds)."""
+    """Run one command as a user would; return (stdout + stderr as printed, wall seconds).
+
+    Fast blocks run in parallel threads; ``run_slow`` adds the CPU seconds of each (serial) command."""
     env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200", TERM="dumb", NO_COLOR="1")
     start = time.perf_counter()
     proc = subprocess.run(argv_for(command), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -115,18 +120,19 @@ def run_command(command: str, timeout_s: float, root: Path = ROOT) -> tuple[str,
     return "\n".join(line.rstrip() for line in proc.stdout.rstrip("\n").splitlines()), wall_s
 
 
-def cut_lines(text: str, head: int, tail: int) -> str:
-    """Keep the first ``head`` and last ``tail`` lines with ``...`` between (0 and 0: everything)."""
-    lines = text.splitlines()
+def cut_lines(text: str, head: int, tail: int, drop: str = "") -> str:
+    """Drop lines matching the regex ``drop``, then keep the first ``head`` and last ``tail`` lines with
+    ``...`` between (0 and 0: everything)."""
+    lines = [line for line in text.splitlines() if not (drop and re.search(drop, line))]
     if not (head or tail) or len(lines) <= head + tail:
-        return text
+        return "\n".join(lines)
     return "\n".join(lines[:head] + ["..."] + (lines[-tail:] if tail else []))
 
 
 def render_transcript(block: Block, outputs: dict[str, str]) -> str:
     parts = []
     for cmd in block.commands:
-        out = cut_lines(outputs[cmd], block.head, block.tail)
+        out = cut_lines(outputs[cmd], block.head, block.tail, block.drop)
         parts.append(f"$ {cmd}\n{out}" if out else f"$ {cmd}")
     return "```\n" + "\n".join(parts) + "\n```\n"
 
@@ -192,15 +198,24 @@ def run_slow(block: Block, root: Path = ROOT) -> tuple[str, dict]:
     outputs, wall_s = {}, 0.0
     if block.options.get("fresh"):
         shutil.rmtree(root / block.options["fresh"], ignore_errors=True)
+    load_before = os.getloadavg()[0]
+    cpu_before = _children_cpu_s()
     for cmd in block.commands:
         outputs[cmd], seconds = run_command(cmd, SLOW_TIMEOUT_S, root)
         wall_s += seconds
+    cpu_s = _children_cpu_s() - cpu_before
+    load = max(load_before, os.getloadavg()[0])
     record = {"date": dt.date.today().isoformat(), "commit": git_commit(root), "wall_s": round(wall_s, 1),
-              "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+              "cpu_s": round(cpu_s, 1), "cpu_count": os.cpu_count(), "load_avg_1min": round(load, 2),
               "commands": list(block.commands)}
-    note = (f"<sub>Recorded {record['date']} at commit {record['commit']}: {wall_s:.1f} s wall on "
-            f"{record['cpu_count']} CPU cores (load {record['load_avg_1min']}); `make docs-slow` re-runs it.</sub>\n")
+    note = (f"<sub>Recorded {record['date']} at commit {record['commit']}: {wall_s:.1f} s wall, {cpu_s:.1f} s "
+            f"CPU, on {record['cpu_count']} CPU cores at load {load:.1f}; `make docs-slow` re-runs it.</sub>\n")
     return render_transcript(block, outputs) + note, record
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def blocks_in(text: str, name: str) -> list[tuple[re.Match, Block]]:
@@ -213,8 +228,10 @@ def blocks_in(text: str, name: str) -> list[tuple[re.Match, Block]]:
     return found
 
 
-def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT) -> tuple[dict[str, str], dict]:
-    """Rendered text per file name, and the slow runs' records (empty unless ``slow``)."""
+def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT,
+               only: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict]:
+    """Rendered text per file name, and the slow runs' records (empty unless ``slow``; ``only``: just
+    the slow blocks with those ids)."""
     parsed = {name: blocks_in(text, name) for name, text in texts.items()}
     fast = sorted({c for found in parsed.values() for _, b in found if not b.slow for c in b.commands})
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -226,7 +243,7 @@ def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT) -> 
         for m, block in parsed[name]:
             if block.include:
                 body = render_include(*block.include, root=root)
-            elif block.slow and slow:
+            elif block.slow and slow and (not only or block.block_id in only):
                 body, records[block.block_id] = run_slow(block, root)
             elif block.slow:
                 body = m.group("body")
@@ -240,8 +257,16 @@ def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT) -> 
 
 
 def fill_values(text: str, root: Path = ROOT) -> str:
-    return VALUE.sub(lambda m: m.group(0).replace(
-        f"-->{m.group('text')}<!--", f"-->{render_value(m.group('spec'), root)}<!--", 1), text)
+    """Fill every value marker outside code (fenced blocks and indented lines are examples)."""
+    out, fenced = [], False
+    for line in text.splitlines(True):
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and not line.startswith(("    ", "\t")):
+            line = VALUE.sub(lambda m: m.group(0).replace(
+                f"-->{m.group('text')}<!--", f"-->{render_value(m.group('spec'), root)}<!--", 1), line)
+        out.append(line)
+    return "".join(out)
 
 
 def save_records(records: dict, root: Path = ROOT) -> None:
@@ -252,10 +277,11 @@ def save_records(records: dict, root: Path = ROOT) -> None:
     path.write_text(json.dumps(dict(sorted(doc.items())), indent=2) + "\n")
 
 
-def process(files: list[Path], slow: bool = False, check: bool = False, root: Path = ROOT) -> list[str]:
+def process(files: list[Path], slow: bool = False, check: bool = False, root: Path = ROOT,
+            only: frozenset[str] = frozenset()) -> list[str]:
     """Regenerate ``files``; write them (unless ``check``); return a unified diff per changed file."""
     texts = {str(f.relative_to(root)): f.read_text() for f in files}
-    rendered, records = regenerate(texts, slow=slow, root=root)
+    rendered, records = regenerate(texts, slow=slow, root=root, only=only)
     if records and not check:
         save_records(records, root)
     diffs = []
@@ -273,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md docs/*.md)")
     ap.add_argument("--slow", action="store_true", help="also re-run the slow blocks")
+    ap.add_argument("--only", action="append", default=[], metavar="ID", help="with --slow: only these slow blocks")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block differs")
     args = ap.parse_args(argv)
     files = [f.resolve() for f in args.files] or default_files()
     try:
-        diffs = process(files, slow=args.slow, check=args.check)
+        diffs = process(files, slow=args.slow or bool(args.only), check=args.check, only=frozenset(args.only))
     except DocsError as exc:
         print(f"readme.py: error: {exc}", file=sys.stderr)
         return 2

@@ -57,10 +57,10 @@ def test_fast_block_rewritten_and_checked(tmp_path: Path) -> None:
 
 
 def test_several_commands_head_tail_and_exit_codes(tmp_path: Path) -> None:
-    doc = _doc(tmp_path, "<!-- docs head=1 tail=1\n$ python -c \"print(*range(5), sep=chr(10))\"\n"
+    doc = _doc(tmp_path, "<!-- docs head=2 tail=1 drop=\"^[23]$\"\n$ python -c \"print(*range(5), sep=chr(10))\"\n"
                          "$ python -c \"import sys; sys.exit('bad input')\"\n-->\n<!-- /docs -->\n")
     readme.process([doc], root=tmp_path)
-    assert "\n0\n...\n4\n$ python -c \"import sys; sys.exit('bad input')\"\nbad input\n```" in doc.read_text()
+    assert "\n0\n1\n4\n$ python -c \"import sys; sys.exit('bad input')\"\nbad input\n```" in doc.read_text()
 
 
 def test_slow_block_kept_unless_slow(tmp_path: Path) -> None:
@@ -105,5 +105,7 @@ def test_bad_markers_are_one_line_errors(tmp_path: Path, marker: str, problem: s
 
 
 def test_indented_examples_are_not_markers(tmp_path: Path) -> None:
-    doc = _doc(tmp_path, "    <!-- docs: $ python -V -->\n    <!-- /docs -->\n")
+    doc = _doc(tmp_path, "    <!-- docs: $ python -V -->\n    <!-- /docs -->\n"
+                         "    <!-- value: missing.json k -->1<!-- /value -->\n"
+                         "```\n<!-- value: missing.json k -->1<!-- /value -->\n```\n")
     assert readme.process([doc], check=True, root=tmp_path) == []
