@@ -17,6 +17,7 @@ generated. See "Generated blocks" in docs/ARCHITECTURE.md for the syntax:
     <!-- docs slow id=sweep fresh=results/_scratch/s: $ lorabench run ... results_dir=results/_scratch/s -->
     <!-- docs include reports/cpu-smoke/README.md "### Error summary per method" -->   first table there
     <!-- value: results/bench/docs-transcripts.json trace-70b.wall_s .0f -->11<!-- /value -->   inline
+    <!-- value: "$ lorabench plan --model 7b --format json" "rows.component=total (device).GiB" .1f -->16.6<!-- /value -->
 """
 
 from __future__ import annotations
@@ -170,17 +171,34 @@ def lookup(doc: object, key: str) -> object:
     return doc
 
 
-def render_value(spec: str, root: Path = ROOT) -> str:
-    """``PATH KEY [/DIVISOR] [FORMAT]`` -> the formatted number (or text) from a JSON file."""
-    words = spec.split()
+def render_value(spec: str, root: Path = ROOT, ran: dict[str, str] | None = None) -> str:
+    """``SOURCE KEY [/DIVISOR] [FORMAT]`` -> the formatted value. SOURCE is a JSON file under the repository
+    or, quoted, a command whose stdout is JSON (``"$ lorabench plan ... --format json"``); words may be
+    quoted (``"rows.component=total (device).GiB"``). Numbers in strings are formatted as numbers."""
+    words = shlex.split(spec)
     if len(words) < 2:
-        raise DocsError(f"value marker needs a path and a key: {spec!r}")
-    path, key, rest = words[0], words[1], words[2:]
-    if not (root / path).exists():
-        raise DocsError(f"value: {path} does not exist (run the benchmark that writes it)")
-    value = lookup(json.loads((root / path).read_text()), key)
+        raise DocsError(f"value marker needs a source and a key: {spec!r}")
+    source, key, rest = words[0], words[1], words[2:]
+    if source.startswith("$ "):
+        ran = {} if ran is None else ran
+        if source not in ran:
+            ran[source] = run_command(source[2:], FAST_TIMEOUT_S, root)[0]
+        try:
+            doc = json.loads(ran[source])
+        except json.JSONDecodeError:
+            raise DocsError(f"value: `{source[2:]}` did not print JSON") from None
+    elif (root / source).exists():
+        doc = json.loads((root / source).read_text())
+    else:
+        raise DocsError(f"value: {source} does not exist (run the benchmark that writes it)")
+    value = lookup(doc, key)
     divisor = next((float(w[1:]) for w in rest if w.startswith("/")), 1.0)
     fmt = next((w for w in rest if not w.startswith("/")), "")
+    if isinstance(value, str) and (fmt or divisor != 1.0):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value / divisor if divisor != 1.0 else value, fmt)
     return str(value)
@@ -258,13 +276,13 @@ def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT,
 
 def fill_values(text: str, root: Path = ROOT) -> str:
     """Fill every value marker outside code (fenced blocks and indented lines are examples)."""
-    out, fenced = [], False
+    out, fenced, ran = [], False, {}
     for line in text.splitlines(True):
         if line.startswith("```"):
             fenced = not fenced
         if not fenced and not line.startswith(("    ", "\t")):
             line = VALUE.sub(lambda m: m.group(0).replace(
-                f"-->{m.group('text')}<!--", f"-->{render_value(m.group('spec'), root)}<!--", 1), line)
+                f"-->{m.group('text')}<!--", f"-->{render_value(m.group('spec'), root, ran)}<!--", 1), line)
         out.append(line)
     return "".join(out)
 

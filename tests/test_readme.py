@@ -109,3 +109,13 @@ def test_indented_examples_are_not_markers(tmp_path: Path) -> None:
                          "    <!-- value: missing.json k -->1<!-- /value -->\n"
                          "```\n<!-- value: missing.json k -->1<!-- /value -->\n```\n")
     assert readme.process([doc], check=True, root=tmp_path) == []
+
+
+def test_value_from_a_command(tmp_path: Path) -> None:
+    cmd = "$ python -c 'import json; print(json.dumps(dict(rows=[dict(component=chr(116) + chr(32), GiB=str(2.5))])))'"
+    doc = _doc(tmp_path, f"total <!-- value: \"{cmd}\" \"rows.component=t .GiB\" .2f -->?<!-- /value --> GiB\n")
+    readme.process([doc], root=tmp_path)
+    assert doc.read_text().endswith("-->2.50<!-- /value --> GiB\n")
+    doc.write_text(f"<!-- value: \"$ python -c 'print(1'\" k -->?<!-- /value -->\n")
+    with pytest.raises(readme.DocsError, match="did not print JSON"):
+        readme.process([doc], root=tmp_path)
