@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def model_aliases() -> dict[str, list[str]]:
     return {n: [str(a) for a in d.get("aliases") or []] for n, d in _model_docs().items()}
 
 
-def _read_config_json(path: Path) -> dict[str, Any]:
+def _read_config_json(path: Path) -> tuple[dict[str, Any], str]:
+    """The (language-model) config dict and a display name for it (see ``config_display_name``)."""
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"no config.json at {path}", "pass a catalog model name or a path to a Hugging Face config.json")
@@ -78,10 +80,41 @@ def _read_config_json(path: Path) -> dict[str, Any]:
                         "pass an unmodified Hugging Face config.json") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{file} does not hold a JSON object", "pass a Hugging Face config.json")
+    display = config_display_name(cfg, file)
     # Multimodal/wrapped configs keep the language model under text_config.
     if "model_type" not in cfg and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
-    return cfg
+    return cfg, display
+
+
+_HEX_FOLDER = re.compile(r"[0-9a-f]{12,}")
+
+
+def config_display_name(cfg: dict[str, Any], file: Path) -> str:
+    """How a local config.json is titled: the first of
+
+    1. its ``_name_or_path`` / ``name_or_path`` (written by ``save_pretrained``) when it is a hub id or a
+       folder name, not an absolute path;
+    2. ``org/name`` from a Hugging Face cache folder ``models--org--name/snapshots/<sha>/``;
+    3. the file's own name when it is not ``config.json`` (``llama-8b.json`` -> ``llama-8b``), else its
+       folder's name, unless that is a bare commit hash;
+    4. ``architectures[0]`` (``LlamaForCausalLM``), else ``model_type``.
+    """
+    for key in ("_name_or_path", "name_or_path"):
+        value = str(cfg.get(key) or "").strip().rstrip("/")
+        if value and not value.startswith(("/", ".", "~")) and value.count("/") <= 1:
+            return value
+    parts = file.resolve().parts
+    for part in reversed(parts[:-1]):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:])
+    if file.name != "config.json":
+        return file.stem
+    folder = file.resolve().parent.name
+    if folder and not _HEX_FOLDER.fullmatch(folder):
+        return folder
+    archs = cfg.get("architectures") or []
+    return str(archs[0]) if archs else str(cfg.get("model_type", "config.json"))
 
 
 def load_model(name_or_path: str) -> ModelSpec:
@@ -99,7 +132,8 @@ def load_model(name_or_path: str) -> ModelSpec:
         return spec_from_hf_config(doc["hf_config"], name=name, display=str(doc.get("display", name)))
     path = Path(key).expanduser()
     if path.exists() or key.endswith(".json") or "/" in key:
-        return spec_from_hf_config(_read_config_json(path), name=str(path), display=path.name)
+        cfg, display = _read_config_json(path)
+        return spec_from_hf_config(cfg, name=str(path), display=display)
     raise suggest(key, list(aliases), "model")
 
 

@@ -70,6 +70,26 @@ def test_config_json_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert load_model(str(tmp_path / "config.json")).total_params == spec.total_params
 
 
+@pytest.mark.parametrize("rel, extra, title", [
+    ("Meta-Llama-3-8B/config.json", {}, "Meta-Llama-3-8B"),
+    ("Meta-Llama-3-8B/config.json", {"_name_or_path": "meta-llama/Meta-Llama-3-8B"}, "meta-llama/Meta-Llama-3-8B"),
+    ("x/config.json", {"_name_or_path": "/home/me/ckpt/llama"}, "x"),
+    ("hub/models--meta-llama--Llama-3.1-8B/snapshots/0e9e39f249a16976918f6564b8830bc894c89659/config.json", {},
+     "meta-llama/Llama-3.1-8B"),
+    ("0e9e39f249a16976918f6564b8830bc894c89659/config.json", {}, "LlamaForCausalLM"),
+    ("configs/my-llama.json", {}, "my-llama"),
+])
+def test_config_json_title(tmp_path, rel: str, extra: dict, title: str) -> None:  # type: ignore[no-untyped-def]
+    """`plan --model path` names the model from the config or its folder, never "config.json"."""
+    cfg = dict(load_model("tiny-llama").hf_config, architectures=["LlamaForCausalLM"], **extra)
+    file = tmp_path / rel
+    file.parent.mkdir(parents=True)
+    file.write_text(json.dumps(cfg))
+    assert load_model(str(file)).display == title
+    if file.name == "config.json":
+        assert load_model(str(file.parent)).display == title
+
+
 def test_malformed_config_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
