@@ -246,14 +246,20 @@ def blocks_in(text: str, name: str) -> list[tuple[re.Match, Block]]:
     return found
 
 
-def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT,
-               only: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict]:
-    """Rendered text per file name, and the slow runs' records (empty unless ``slow``; ``only``: just
-    the slow blocks with those ids)."""
-    parsed = {name: blocks_in(text, name) for name, text in texts.items()}
-    fast = sorted({c for found in parsed.values() for _, b in found if not b.slow for c in b.commands})
+def run_all(commands: list[str], root: Path = ROOT) -> dict[str, str]:
+    """Each command's output, run in parallel (fast commands only)."""
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        outputs = dict(zip(fast, (o for o, _ in pool.map(lambda c: run_command(c, FAST_TIMEOUT_S, root), fast))))
+        return dict(zip(commands, (o for o, _ in pool.map(lambda c: run_command(c, FAST_TIMEOUT_S, root), commands))))
+
+
+def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT,
+               only: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict, dict[str, str]]:
+    """Rendered text per file name, the slow runs' records (empty unless ``slow``; ``only``: just the
+    slow blocks with those ids) and the fast commands' outputs (block and value commands)."""
+    parsed = {name: blocks_in(text, name) for name, text in texts.items()}
+    fast = {c for found in parsed.values() for _, b in found if not b.slow for c in b.commands}
+    fast |= {src[2:] for text in texts.values() for src in value_commands(text)}
+    outputs = run_all(sorted(fast), root)
     records: dict[str, dict] = {}
     result = {}
     for name, text in texts.items():
@@ -271,16 +277,36 @@ def regenerate(texts: dict[str, str], slow: bool = False, root: Path = ROOT,
             pos = m.end("body")
         pieces.append(text[pos:])
         result[name] = "".join(pieces)
-    return result, records
+    return result, records, outputs
 
 
-def fill_values(text: str, root: Path = ROOT) -> str:
-    """Fill every value marker outside code (fenced blocks and indented lines are examples)."""
-    out, fenced, ran = [], False, {}
+def _prose_lines(text: str) -> list[tuple[bool, str]]:
+    """(is prose, line) for each line: fenced blocks and indented lines are code (examples)."""
+    out, fenced = [], False
     for line in text.splitlines(True):
         if line.startswith("```"):
             fenced = not fenced
-        if not fenced and not line.startswith(("    ", "\t")):
+        out.append((not fenced and not line.startswith(("    ", "\t")), line))
+    return out
+
+
+def value_commands(text: str) -> set[str]:
+    """The commands value markers in prose read their JSON from."""
+    found = set()
+    for prose, line in _prose_lines(text):
+        for m in VALUE.finditer(line) if prose else ():
+            words = shlex.split(m.group("spec"))
+            if words and words[0].startswith("$ "):
+                found.add(words[0])
+    return found
+
+
+def fill_values(text: str, root: Path = ROOT, ran: dict[str, str] | None = None) -> str:
+    """Fill every value marker in prose; ``ran`` holds outputs of value commands already run."""
+    ran = {} if ran is None else ran
+    out = []
+    for prose, line in _prose_lines(text):
+        if prose:
             line = VALUE.sub(lambda m: m.group(0).replace(
                 f"-->{m.group('text')}<!--", f"-->{render_value(m.group('spec'), root, ran)}<!--", 1), line)
         out.append(line)
@@ -299,12 +325,13 @@ def process(files: list[Path], slow: bool = False, check: bool = False, root: Pa
             only: frozenset[str] = frozenset()) -> list[str]:
     """Regenerate ``files``; write them (unless ``check``); return a unified diff per changed file."""
     texts = {str(f.relative_to(root)): f.read_text() for f in files}
-    rendered, records = regenerate(texts, slow=slow, root=root, only=only)
+    rendered, records, outputs = regenerate(texts, slow=slow, root=root, only=only)
+    ran = {f"$ {cmd}": out for cmd, out in outputs.items()}
     if records and not check:
         save_records(records, root)
     diffs = []
     for name, new in rendered.items():
-        new = fill_values(new, root)
+        new = fill_values(new, root, ran)
         if new != texts[name]:
             diffs.append("".join(difflib.unified_diff(texts[name].splitlines(True), new.splitlines(True),
                                                       f"{name} (committed)", f"{name} (today's code)")))
