@@ -94,3 +94,32 @@ class SweepProgress:
         eta = self.eta_s()
         return (f"{self.done}/{self.total} | {shown}{' ' + extra if extra else ''} | "
                 f"ETA {seconds(eta) if eta is not None else '?'}")
+
+
+@contextlib.contextmanager
+def elapsed(desc: str, enabled: bool = True, delay_s: float = 1.5) -> Iterator[None]:
+    """``desc ... 12s`` on stderr while a single long call runs (a thread refreshes it twice a second);
+    nothing when the call returns within ``delay_s``."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=desc, bar_format="{desc} {elapsed}", delay=delay_s, file=sys.stderr, leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.update(0)
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()

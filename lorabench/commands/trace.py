@@ -39,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from lorabench.memory.planner import predict
     from lorabench.runtime.trace import by_module, trace
 
+    from lorabench.progress import elapsed
+
     keep = args.top > 0 or args.by_module
-    result = trace(model, method, train, keep_storages=keep)
+    with elapsed(f"tracing {model.name} {method.name} (2 fake-tensor steps)", enabled=args.format in ("table", "markdown")):
+        result = trace(model, method, train, keep_storages=keep)
     pred = predict(model, method, train)
     predicted = to_trace_categories(pred.components)
     rows = comparison_rows(predicted, result.components, pred.peak_allocated_bytes, result.peak_bytes)
