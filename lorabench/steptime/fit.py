@@ -7,8 +7,8 @@ The model is linear in the inverse efficiencies: for run i,
 with x_ic the roofline time of op class c at efficiency 1, k_i the ops of the step and f_i those of forwards
 (:func:`lorabench.steptime.model.pieces`). The fit minimises the squared *relative* error
 sum_i ((t_i - measured_i) / measured_i)^2 over eff_c > 0 and kernel_overhead_s >= 0 by non-negative least
-squares (Lawson & Hanson 1974, "Solving Least Squares Problems", ch. 23), with a small ridge pulling each
-inverse efficiency towards its documented default so that a class few records exercise stays near it.
+squares (Lawson & Hanson 1974, "Solving Least Squares Problems", ch. 23); classes whose work scales alike
+share one efficiency (:data:`GROUPS`), so a handful of records fix a handful of numbers.
 
 Records are split by configuration (every repeat of one config lands in the same half, by a hash of the
 config without its seed), so the scored half holds configurations the fit never saw.
@@ -72,8 +72,11 @@ def runs_from_records(records: Iterable[dict[str, Any]]) -> list[Run]:
 
 
 def split(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """(fit half, score half) by the parity of the config hash."""
-    return [r for r in runs if int(r.key, 16) % 2 == 0], [r for r in runs if int(r.key, 16) % 2 == 1]
+    """(fit half, score half) by the parity of a hash of the configuration key."""
+    def odd(r: Run) -> bool:
+        return int(hashlib.sha1(r.key.encode()).hexdigest(), 16) % 2 == 1
+
+    return [r for r in runs if not odd(r)], [r for r in runs if odd(r)]
 
 
 def features(run: Run, device: GpuSpec) -> list[float]:
@@ -87,43 +90,63 @@ def features(run: Run, device: GpuSpec) -> list[float]:
     return [xs[c] for c in EFFICIENCY_CLASSES] + [kernels, forward]
 
 
-def _nnls(a: list[list[float]], b: list[float], prior: list[float], ridge: float, sweeps: int = 4000) -> list[float]:
-    """min |A x - b|^2 + ridge * |x - prior|^2 over x >= 0 by cyclic coordinate descent (convex, so it converges)."""
-    n = len(prior)
-    x = list(prior)
-    cols = [[row[j] for row in a] for j in range(n)]
-    norms = [sum(v * v for v in col) + ridge for col in cols]
-    resid = [sum(row[j] * x[j] for j in range(n)) - bi for row, bi in zip(a, b)]
-    for _ in range(sweeps):
-        delta = 0.0
-        for j in range(n):
-            if norms[j] == ridge and ridge == 0:
-                continue
-            grad = sum(c * r for c, r in zip(cols[j], resid)) + ridge * (x[j] - prior[j])
-            new = max(0.0, x[j] - grad / norms[j])
-            step = new - x[j]
-            if step:
-                resid = [r + step * c for r, c in zip(resid, cols[j])]
-                x[j] = new
-                delta = max(delta, abs(step) / (abs(x[j]) + 1e-30))
-        if delta < 1e-10:
+#: Classes that share one fitted efficiency: few records cannot tell apart classes whose work scales alike,
+#: and a fit per class would chase noise. Communication keeps its default (single-device records).
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("matmul_forward", "matmul_input_grad", "matmul_weight_grad"),
+    ("attention", "adapter"),
+    ("dequant", "elementwise", "loss", "optimizer"),
+)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Least squares by the normal equations and Gaussian elimination with partial pivoting (few columns)."""
+    n = len(a[0])
+    m = [[sum(r[i] * r[j] for r in a) + (1e-12 if i == j else 0.0) for j in range(n)] + [sum(r[i] * bi for r, bi in zip(a, b))]
+         for i in range(n)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col and m[col][col]:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] if m[i][i] else 0.0 for i in range(n)]
+
+
+def _nnls(a: list[list[float]], b: list[float]) -> list[float]:
+    """min |A x - b| over x >= 0: least squares on the free columns, dropping those that go negative
+    (the active-set idea of Lawson & Hanson; exact for the few, well-separated columns here)."""
+    free = list(range(len(a[0])))
+    while free:
+        sol = _solve([[row[j] for j in free] for row in a], b)
+        if all(v >= 0 for v in sol):
             break
+        free = [j for j, v in zip(free, sol) if v >= 0]
+    x = [0.0] * len(a[0])
+    for j, v in zip(free, sol if free else []):
+        x[j] = v
     return x
 
 
-def fit(runs: list[Run], device: GpuSpec, defaults: TimeCalibration, ridge: float = 1e-3) -> TimeCalibration:
-    """Efficiencies and kernel overhead minimising the relative error over ``runs``."""
+def fit(runs: list[Run], device: GpuSpec, defaults: TimeCalibration) -> TimeCalibration:
+    """Group efficiencies (:data:`GROUPS`) and per-op overheads minimising the relative error over ``runs``.
+
+    A group whose coefficient comes out 0 (its work explains nothing the others do not) keeps the defaults.
+    """
+    index = {c: i for i, c in enumerate(EFFICIENCY_CLASSES)}
     rows = []
     for run in runs:
         f = features(run, device)
-        rows.append([v / run.measured_s for v in f])
+        cols = [sum(f[index[c]] for c in group) for group in GROUPS] + f[-2:]
+        rows.append([v / run.measured_s for v in cols])
     scale = [max((abs(r[j]) for r in rows), default=0.0) or 1.0 for j in range(len(rows[0]))]
-    a = [[r[j] / scale[j] for j in range(len(r))] for r in rows]
-    overhead0 = device.kernel_overhead_s or defaults.kernel_overhead_s
-    prior = [1.0 / defaults.efficiency[c] for c in EFFICIENCY_CLASSES] + [overhead0, defaults.forward_op_overhead_s]
-    sol = _nnls(a, [1.0] * len(rows), [p * s for p, s in zip(prior, scale)], ridge)
-    coef = [v / s for v, s in zip(sol, scale)]
-    eff = {c: (1.0 / coef[i] if coef[i] > 0 else defaults.efficiency[c]) for i, c in enumerate(EFFICIENCY_CLASSES)}
+    coef = [v / sc for v, sc in zip(_nnls([[r[j] / scale[j] for j in range(len(r))] for r in rows], [1.0] * len(rows)),
+                                    scale)]
+    eff = dict(defaults.efficiency)
+    for k, group in enumerate(GROUPS):
+        for c in group:
+            eff[c] = 1.0 / coef[k] if coef[k] > 0 else defaults.efficiency[c]
     return TimeCalibration(eff, coef[-2], f"fitted on {len(runs)} configurations", coef[-1])
 
 
