@@ -92,8 +92,8 @@ class SweepProgress:
         shown = " ".join(f"{k} {self.counts.get(k, 0)}" for k in ("ok", "oom", "failed"))
         extra = " ".join(f"{k} {v}" for k, v in self.counts.items() if k not in ("ok", "oom", "failed"))
         eta = self.eta_s()
-        return (f"{self.done}/{self.total} | {shown}{' ' + extra if extra else ''} | "
-                f"ETA {seconds(eta) if eta is not None else '?'}")
+        left = "done" if self.done >= self.total else f"ETA {seconds(eta) if eta is not None else '?'}"
+        return f"{self.done}/{self.total} | {shown}{' ' + extra if extra else ''} | {left}"
 
 
 @contextlib.contextmanager

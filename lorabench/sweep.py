@@ -323,6 +323,7 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
     position = f"[{k}/{n if n else k}]"
     if is_excluded(cfg):
         print(f"{position} skip (excluded by sweep_exclude) {cfg.model.name} {cfg.method.name}", flush=True)
+        _progress("job_skipped", cfg)
         return None
     path = results_path(cfg)
     try:  # an invalid config is refused before anything runs (a multirun was checked whole by runconfig)
@@ -342,6 +343,7 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
     rid = records.run_id(config)
     if rid in records.completed_ids(path, statuses=tuple(cfg.get("resume_skip") or ("ok",))):
         print(f"{position} skip (recorded) {rid} {config['model']} {config['method']['method']}", flush=True)
+        _progress("job_skipped", cfg)
         return None
     predicted = None
     if specs is not None:
@@ -357,7 +359,22 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
     record = make_record(cfg, config, predicted, outcome, errors)
     records.append_record(path, record)
     print(progress_line(k, n, record, time.perf_counter() - t0), flush=True)
+    _progress("job_finished", cfg, record["status"], time.perf_counter() - t0)
     return record
+
+
+def _progress(hook: str, cfg: DictConfig, *args: Any) -> None:
+    """The progress bar with ETA (lorabench.sweep_progress) in multiruns; it never fails a job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            from lorabench import sweep_progress
+
+            getattr(sweep_progress, hook)(cfg, *args)
+    except Exception as err:  # a display problem must not touch the sweep
+        print(f"(progress bar off: {type(err).__name__}: {err})", file=sys.stderr, flush=True)
 
 
 def _job_dir() -> Path:
