@@ -372,7 +372,7 @@ def _progress(hook: str, cfg: DictConfig, *args: Any) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             from lorabench import sweep_progress
 
-            getattr(sweep_progress, hook)(cfg, *args)
+            getattr(sweep_progress, hook)(cfg, *args, specs_of=build_specs)
     except Exception as err:  # a display problem must not touch the sweep
         print(f"(progress bar off: {type(err).__name__}: {err})", file=sys.stderr, flush=True)
 

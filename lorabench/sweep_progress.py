@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,14 +37,17 @@ def grid_overrides(sweep_dir: Path) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*lists)]
 
 
-def predicted_job_seconds(cfg: DictConfig) -> float:
+SpecsOf = Callable[[DictConfig], Any]
+"""The sweep's ``build_specs`` (passed in, so this module does not import the sweep back)."""
+
+
+def predicted_job_seconds(cfg: DictConfig, specs_of: SpecsOf) -> float:
     """(warmup + timed steps) x predicted step time of one job's config (0 when it cannot be predicted)."""
     from lorabench.catalog import _cpu_docs, load_gpu
     from lorabench.steptime.model import predict_time
-    from lorabench.sweep import build_specs
 
     try:
-        specs = build_specs(cfg)
+        specs = specs_of(cfg)
         device = specs.gpu
         if device is None:
             cpus = list(_cpu_docs())
@@ -55,20 +58,20 @@ def predicted_job_seconds(cfg: DictConfig) -> float:
         return 0.0
 
 
-def _predictions(cfg: DictConfig) -> list[float]:
+def _predictions(cfg: DictConfig, specs_of: SpecsOf) -> list[float]:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     try:
         combos = grid_overrides(Path(hc.sweep.dir))
-        return [predicted_job_seconds(compose(config_name=hc.job.config_name, overrides=combo)) for combo in combos]
-    except Exception:  # another sweeper, or compose unavailable: the running job's own prediction for all
-        n = 1
-        return [predicted_job_seconds(cfg)] * n
+        return [predicted_job_seconds(compose(config_name=hc.job.config_name, overrides=combo), specs_of)
+                for combo in combos]
+    except Exception:  # another sweeper, or compose unavailable: the running job's own prediction
+        return [predicted_job_seconds(cfg, specs_of)]
 
 
-def _state(cfg: DictConfig) -> dict[str, Any]:
+def _state(cfg: DictConfig, specs_of: SpecsOf) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     key = str(HydraConfig.get().sweep.dir)
@@ -77,7 +80,7 @@ def _state(cfg: DictConfig) -> dict[str, Any]:
 
         if _STATE.get("bar") is not None:
             _STATE["bar"].close()
-        progress = SweepProgress(_predictions(cfg))
+        progress = SweepProgress(_predictions(cfg, specs_of))
         bar = tqdm(total=progress.total, desc=progress.line(), unit="job", file=sys.stderr, dynamic_ncols=True,
                    bar_format="sweep {percentage:3.0f}%|{bar}| {desc}")
         _STATE.update(key=key, progress=progress, bar=bar)
@@ -93,15 +96,15 @@ def _show(state: dict[str, Any]) -> None:
         _STATE.clear()
 
 
-def job_finished(cfg: DictConfig, status: str, wall_s: float) -> None:
+def job_finished(cfg: DictConfig, status: str, wall_s: float, specs_of: SpecsOf) -> None:
     """Hook for the sweep: a job ended with ``status`` after ``wall_s`` seconds."""
-    state = _state(cfg)
+    state = _state(cfg, specs_of)
     state["progress"].finished(status, wall_s)
     _show(state)
 
 
-def job_skipped(cfg: DictConfig) -> None:
+def job_skipped(cfg: DictConfig, specs_of: SpecsOf) -> None:
     """Hook for the sweep: a job was skipped (already recorded, or excluded)."""
-    state = _state(cfg)
+    state = _state(cfg, specs_of)
     state["progress"].skipped()
     _show(state)
