@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[runtime,reference,test]"
+	@# triton (the `kernels` extra) only where none is installed: a CUDA torch pins its own triton version.
+	@$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q -c requirements-lock.txt triton
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -159,11 +159,14 @@ class Graph:
         grad_bytes = out_features * in_features * DTYPE_BYTES[weight_dtype] if weight_grad else 0
         return self.record((x,), out, param_grad_bytes=int(grad_bytes))
 
-    def frozen_linear_no_save(self, x: Sym, out_features: int, in_features: int, dtype: str) -> Sym:
+    def frozen_linear_no_save(self, x: Sym, out_features: int, in_features: int, dtype: str,
+                              torch_dequant: bool = True) -> Sym:
         """A 4-bit linear: saves no activation, but dequantizes the full weight (out x in, compute dtype)
-        for the matmul in forward and again in backward (QLoRA's MatMul4Bit)."""
+        for the matmul in forward and again in backward (QLoRA's MatMul4Bit). ``torch_dequant``: the pure-torch
+        dequantization's scratch comes on top (:func:`dequant_scratch_bytes`); the Triton kernel has none."""
         rows = x.numel // in_features
-        weight = int(out_features * in_features * DTYPE_BYTES[dtype]) + dequant_scratch_bytes(out_features * in_features)
+        scratch = dequant_scratch_bytes(out_features * in_features) if torch_dequant else 0
+        weight = int(out_features * in_features * DTYPE_BYTES[dtype]) + scratch
         return self.record((x,), self.new(rows * out_features, dtype, x.requires_grad), transient_bytes=weight,
                            forward_transient_bytes=weight)
 

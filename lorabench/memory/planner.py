@@ -108,7 +108,9 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     3. the bottom layer's backward: activations are nearly all freed, but every layer above has created
        its parameter gradients (the peak moves here when gradients outweigh activations per layer);
     4. with checkpointing, the top layer's recomputed forward: its temporaries at their fullest plus the
-       gradient already waiting at its output.
+       gradient already waiting at its output;
+    5. the second layer from the bottom (the lowest whose input needs grad, which layer 0's does not): its
+       backward, and with checkpointing its recomputed forward, before its own parameter gradients exist.
     Between 2 and 3 live bytes change linearly layer by layer, so the extremes bound every layer.
     ``done_grad_div``: finished layers keep 1/N of their gradients (FSDP's reduce-scatter), else 1.
     """
@@ -124,16 +126,26 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     bottom_grads = (head_grads + sh.ceil_div((n - 1) * rest.param_grad_bytes, done_grad_div)
                     + first.backward_peak_param_grad_bytes)
     kept_grads = (n - 1) * hooks.persistent_gradient_bytes(ctx)  # left alive by the layers above
+    # The second layer from the bottom: the lowest of the `rest` layers (its input needs grad, unlike layer 0's).
+    second_above = head_grads + sh.ceil_div(max(n - 2, 0) * rest.param_grad_bytes, done_grad_div)
+    second_grads = second_above + rest.backward_peak_param_grad_bytes
+    second_kept = max(n - 2, 0) * hooks.persistent_gradient_bytes(ctx)
     if train.gradient_checkpointing:
         ckpt = act.checkpoint_saved_bytes(ctx)
-        recompute = n * ckpt + rest.forward_peak_bytes + act.incoming_gradient_bytes(ctx)
+        incoming = act.incoming_gradient_bytes(ctx)
+        recompute = n * ckpt + rest.forward_peak_bytes + incoming
         top = max(n * ckpt + rest.backward_peak_bytes, recompute)
-        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads), (ckpt + kept_grads + first.backward_peak_bytes, 0, bottom_grads)]
+        # The layer above's input-gradient pieces are still held while this layer recomputes and runs backward.
+        second = [(2 * ckpt + second_kept + rest.backward_peak_bytes + incoming, 0, second_grads),
+                  (2 * ckpt + second_kept + rest.forward_peak_bytes + incoming, 0, second_above)] if n > 1 else []
+        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads),
+                (ckpt + kept_grads + first.backward_peak_bytes, 0, bottom_grads), *second]
     below_top = first.saved_bytes + (n - 2) * rest.saved_bytes if n > 1 else 0
     # The top layer's own forward (its temporaries on top of everything saved below) can exceed both.
     top = max(below_top + rest.backward_peak_bytes, below_top + rest.forward_peak_bytes)
+    second = [(first.saved_bytes + second_kept + rest.backward_peak_bytes, 0, second_grads)] if n > 1 else []
     return [(first.saved_bytes + (n - 1) * rest.saved_bytes + head, logits_bwd, 0),
-            (top, 0, top_grads), (kept_grads + first.backward_peak_bytes, 0, bottom_grads)]
+            (top, 0, top_grads), (kept_grads + first.backward_peak_bytes, 0, bottom_grads), *second]
 
 
 def _head_grad_bytes(model: ModelSpec, train: TrainSpec, hooks: Any) -> int:
@@ -194,7 +206,8 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     tied = tied_embedding_transient_bytes(model.vocab_size, model.hidden_size, DTYPE_BYTES[t_dtype],
                                           hooks.trains_base and model.tie_word_embeddings)
     fsdp, n = sh.is_fsdp(train), sh.world(train)
-    loss_peak, top_peak, bottom_peak = _backward_candidates(model, method, train, hooks, n if fsdp else 1)
+    loss_peak, top_peak, bottom_peak, *second_peaks = _backward_candidates(model, method, train, hooks,
+                                                                           n if fsdp else 1)
     groups = sh.fsdp_groups(model, weights, t_bytes, hooks.trains_base,
                             int(getattr(hooks, "root_trainable_params", _no_root)(model, method) * DTYPE_BYTES[t_dtype]),
                             DTYPE_BYTES[train.param_dtype])
@@ -213,6 +226,8 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
         "backward_top_layer": moment("top", top_peak[0], 0, top_peak[2]),
         "backward_bottom_layer": moment("bottom", bottom_peak[0], 0,
                                         bottom_peak[2] + sh.retained_reduce_input_bytes(groups, train, model.num_layers)),
+        **{f"backward_second_layer_{i}": moment("bottom", acts, 0, grads)
+           for i, (acts, _, grads) in enumerate(second_peaks)},
         "backward_end": moment("end", tied, 0, base["gradients"]),
         "optimizer": moment("optimizer", 0, 0, base["gradients"], temp=opt_temp),
     }

@@ -23,13 +23,48 @@ their device changes). ``state_dict()`` uses bitsandbytes' key names (``weight``
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorabench.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lorabench.quant.triton_nf4 import dequantize_op, triton_available
+
+DEQUANT_BACKENDS = ("auto", "torch", "triton")
+"""How the 4-bit layer dequantizes: ``torch`` (chunked pure-torch ops, any device), ``triton`` (one Triton
+kernel through ``lorabench::nf4_dequantize``), ``auto`` (triton on CUDA when triton imports, else torch)."""
+
+_EMULATING_CUDA = [False]
+
+
+@contextlib.contextmanager
+def dequant_as_on_cuda() -> Iterator[None]:
+    """While active, ``auto`` resolves as on a CUDA device with triton (the tracer models a CUDA run)."""
+    before = _EMULATING_CUDA[0]
+    _EMULATING_CUDA[0] = True
+    try:
+        yield
+    finally:
+        _EMULATING_CUDA[0] = before
+
+
+def resolve_dequant(backend: str, device: torch.device) -> str:
+    """``torch`` or ``triton`` for ``backend`` on ``device`` (see :data:`DEQUANT_BACKENDS`)."""
+    if backend != "auto":
+        return backend
+    on_cuda = device.type == "cuda" or _EMULATING_CUDA[0]
+    return "triton" if on_cuda and triton_available() else "torch"
+
+
+def dequantize_with(weight: NF4Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``weight`` dequantized to ``dtype`` by ``backend`` (same values either way)."""
+    if resolve_dequant(backend, weight.device) == "triton":
+        return dequantize_op(weight, dtype)
+    return dequantize_nf4(weight, dtype)
+
 
 _BUFFERS = {"packed": "weight_packed", "absmax": "weight_absmax",
             "nested_absmax": "weight_nested_absmax", "offset": "weight_offset"}  # fmt: skip
@@ -40,21 +75,22 @@ class NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, weight: NF4Tensor
+        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, weight: NF4Tensor, dequant: str = "torch"
     ) -> torch.Tensor:
         ctx.weight = weight  # a reference to the packed state only; no tensor is saved for backward
+        ctx.dequant = dequant
         ctx.has_bias = bias is not None
-        return F.linear(x, dequantize_nf4(weight, x.dtype), bias)
+        return F.linear(x, dequantize_with(weight, x.dtype, dequant), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_nf4(ctx.weight, grad_out.dtype)
+            grad_x = grad_out @ dequantize_with(ctx.weight, grad_out.dtype, ctx.dequant)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None
+        return grad_x, grad_bias, None, None
 
 
 class Linear4bit(nn.Module):
@@ -67,6 +103,7 @@ class Linear4bit(nn.Module):
         weight: The quantized ``(out_features, in_features)`` weight.
         bias: Optional bias; stored frozen in ``compute_dtype``.
         compute_dtype: Dtype of the dequantized weight and of the matmul (bf16 by default).
+        dequant: ``auto``, ``torch`` or ``triton`` (:data:`DEQUANT_BACKENDS`).
     """
 
     weight_packed: torch.Tensor
@@ -77,8 +114,12 @@ class Linear4bit(nn.Module):
         weight: NF4Tensor,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = torch.bfloat16,
+        dequant: str = "auto",
     ) -> None:
         super().__init__()
+        if dequant not in DEQUANT_BACKENDS:
+            raise ValueError(f"dequant must be one of {DEQUANT_BACKENDS}, got {dequant!r}")
+        self.dequant = dequant
         if weight.ndim != 2:
             raise ValueError(f"Linear4bit needs a 2-D weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
@@ -94,10 +135,11 @@ class Linear4bit(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.bfloat16,
         blocksize: int = 64,
+        dequant: str = "auto",
     ) -> Linear4bit:
         """Quantize an ``nn.Linear`` (on its own device) into a ``Linear4bit``."""
         weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(weight, linear.bias, compute_dtype=compute_dtype)
+        return cls(weight, linear.bias, compute_dtype=compute_dtype, dequant=dequant)
 
     def _set_weight(self, weight: NF4Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -116,19 +158,19 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full ``(out_features, in_features)`` weight in ``dtype`` (default ``compute_dtype``)."""
-        return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
+        return dequantize_with(self.weight, self.compute_dtype if dtype is None else dtype, self.dequant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
-        out = NF4Matmul.apply(x.to(self.compute_dtype), bias, self.weight)
+        out = NF4Matmul.apply(x.to(self.compute_dtype), bias, self.weight, self.dequant)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         w = self.weight
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, "
+                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, dequant={self.dequant}, "
                 f"blocksize={w.blocksize}, double_quant={w.double_quant}")  # fmt: skip
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear4bit:

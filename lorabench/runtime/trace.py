@@ -165,6 +165,7 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
         # Built outside fake mode: bitsandbytes' constructors compute their quantization maps from values.
         optimizer = make_optimizer(model.parameters(), train.optimizer, TRACE_LR, impl=train.adamw_impl)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_dequant_as_on_cuda())
             if fake_mode is not None:
                 stack.enter_context(fake_mode)
                 stack.enter_context(_unpacked_batches_under_fake())
@@ -269,6 +270,16 @@ def _unpacked_batches_under_fake() -> Iterator[None]:
         yield
     finally:
         masking_utils.find_packed_sequence_indices = original
+
+
+def _dequant_as_on_cuda() -> contextlib.AbstractContextManager[None]:
+    """lorabench 4-bit layers with ``dequant=auto`` take the CUDA choice (the Triton op) in fake and real traces.
+
+    The op's fake kernel allocates only its output, as the Triton kernel does; on real CPU tensors the op
+    computes inside itself, where the tracker does not look, so fake and real traces agree.
+    """
+    linear4bit = sys.modules.get("lorabench.quant.linear4bit")  # imported by the qlora runtime
+    return contextlib.nullcontext() if linear4bit is None else linear4bit.dequant_as_on_cuda()
 
 
 @contextlib.contextmanager

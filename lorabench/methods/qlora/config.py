@@ -27,11 +27,16 @@ class QLoraConfig(LoraConfig):
     """dtype the weight is dequantized to for the matmul."""
     backend: str = "lorabench"
     """'lorabench' (own NF4 layer) or 'bitsandbytes' (bnb Linear4bit, for side-by-side comparison)."""
+    dequant: str = "auto"
+    """lorabench backend: 'triton' (one Triton kernel, no scratch), 'torch' (chunked torch ops, scratch
+    of two 4M-element chunks), or 'auto' (triton on CUDA when triton imports, torch on the CPU)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.backend in ("lorabench", "bitsandbytes"), f"qlora backend {self.backend!r} is unknown",
                 "use backend=lorabench or backend=bitsandbytes")
+        require(self.dequant in ("auto", "torch", "triton"), f"qlora dequant {self.dequant!r} is unknown",
+                "use dequant=auto, dequant=torch or dequant=triton")
         require(self.compute_dtype in ("bf16", "fp16", "fp32"), f"compute_dtype {self.compute_dtype!r} is unknown",
                 "use bf16, fp16 or fp32")
         require(self.blocksize in (32, 64, 128, 256), f"blocksize {self.blocksize} is not supported",

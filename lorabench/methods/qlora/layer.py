@@ -66,7 +66,7 @@ def empty_linear4bit(linear: nn.Linear, cfg: QLoraConfig) -> Linear4bit:
     """The ``Linear4bit`` that quantizing ``linear`` would give, with empty storage (for meta tracing)."""
     weight = empty_nf4(tuple(linear.weight.shape), linear.weight.dtype, linear.weight.device,
                        blocksize=cfg.blocksize, double_quant=cfg.double_quant)
-    return Linear4bit(weight, linear.bias, compute_dtype=torch_dtype(cfg.compute_dtype))
+    return Linear4bit(weight, linear.bias, compute_dtype=torch_dtype(cfg.compute_dtype), dequant=cfg.dequant)
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
@@ -101,7 +101,7 @@ def quantize_linear(module: nn.Module, cfg: QLoraConfig) -> nn.Module:
     if linear.weight.device.type == "meta":
         return empty_linear4bit(linear, cfg)
     return Linear4bit.from_linear(linear, double_quant=cfg.double_quant, compute_dtype=compute,
-                                  blocksize=cfg.blocksize)
+                                  blocksize=cfg.blocksize, dequant=cfg.dequant)
 
 
 def _check(spec: ModelSpec, cfg: QLoraConfig) -> None:

@@ -40,10 +40,20 @@ def storage(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[int, 
     return int(rest + biases * DTYPE_BYTES[cfg.compute_dtype]), int(quant)
 
 
+def torch_dequant(cfg: QLoraConfig) -> bool:
+    """Whether the 4-bit layers dequantize with pure-torch ops (scratch) rather than the Triton kernel (none).
+
+    ``auto`` is planned as a CUDA run takes it (triton); a CPU run with ``auto`` uses torch (plan it with
+    ``dequant=torch``). The bitsandbytes backend keeps the torch-path term.
+    """
+    return cfg.backend == "bitsandbytes" or cfg.dequant == "torch"
+
+
 def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     cfg: QLoraConfig = ctx.method
     if m.quantizable:
-        out = g.frozen_linear_no_save(x, m.out_features, m.in_features, x.dtype if g.autocast is None else g.autocast)
+        out = g.frozen_linear_no_save(x, m.out_features, m.in_features, x.dtype if g.autocast is None else g.autocast,
+                                      torch_dequant=torch_dequant(cfg))
     else:
         out = g.linear(x, m.out_features, m.in_features, ctx.param_dtype, False)
     if is_target(m, targets(ctx.model, cfg)):
