@@ -7,10 +7,11 @@ builds them (module names, shapes, biases), so that parameter counts are exact a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 from lorabench.errors import UserError, require
-from lorabench.specs import MatrixSpec, ModelSpec
+from lorabench.specs import ArchTraits, MatrixSpec, ModelSpec
 
 Config = Mapping[str, Any]
 
@@ -159,6 +160,35 @@ _PARSERS: dict[str, Callable[[Config], dict[str, Any]]] = {
 #: Default tie_word_embeddings per model_type (transformers' config defaults).
 _TIED_DEFAULT = {"gpt2": True, "gemma2": True}
 
+_GPT2_TRAITS = ArchTraits(qkv="fused_views", attn_in=("attn.c_attn",), attn_out="attn.c_proj", mlp="plain",
+                          mlp_modules=("mlp.c_fc", "mlp.c_proj"), hidden_act="gelu_new", conv1d=True,
+                          lora_default_targets=("c_attn",), ia3_default_targets=("c_attn", "mlp.c_proj"),
+                          ia3_default_feedforward=("mlp.c_proj",))
+
+#: Traits per model_type. PEFT's default targets: peft.utils.constants (TRANSFORMERS_MODELS_TO_*_MAPPING,
+#: peft 0.21); where PEFT has none (phi3; mixtral's fused experts in transformers >= 5) the choice is
+#: lorabench's: the fused qkv is the analogue of q,v, and PEFT's 'w2' no longer exists.
+_TRAITS: dict[str, ArchTraits] = {
+    "llama": ArchTraits(),
+    "mistral": ArchTraits(),
+    "qwen2": ArchTraits(ia3_default_targets=("q_proj", "v_proj", "down_proj")),
+    "gemma2": ArchTraits(post_norms=True, supports_sdpa=False,
+                         ia3_default_targets=("q_proj", "v_proj", "down_proj")),
+    "phi3": ArchTraits(qkv="fused_slices", attn_in=("self_attn.qkv_proj",), mlp="fused_gated",
+                       mlp_modules=("mlp.gate_up_proj", "mlp.down_proj"), lora_default_targets=("qkv_proj",),
+                       ia3_default_targets=("qkv_proj", "down_proj")),
+    "mixtral": ArchTraits(mlp="moe", mlp_modules=(), ia3_default_targets=("k_proj", "v_proj"),
+                          ia3_default_feedforward=()),
+    "gpt2": _GPT2_TRAITS,
+}
+
+
+def _traits(model_type: str, cfg: Config) -> ArchTraits:
+    """The model_type's traits, with the activation and soft-capping the config itself declares."""
+    base = _TRAITS[model_type]
+    act = str(_get(cfg, "activation_function", "hidden_activation", "hidden_act", default=base.hidden_act))
+    return replace(base, hidden_act=act, final_logit_softcapping=bool(cfg.get("final_logit_softcapping")))
+
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_PARSERS))
 
 
@@ -187,6 +217,7 @@ def spec_from_hf_config(cfg: Config, name: str, display: str = "") -> ModelSpec:
         vocab_size=vocab,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", _TIED_DEFAULT.get(model_type, False))),
         display=display or name,
+        traits=_traits(model_type, cfg),
         hf_config=dict(cfg),
         **fields,
     )

@@ -68,6 +68,48 @@ class MatrixSpec:
 
 
 @dataclass(frozen=True)
+class ArchTraits:
+    """What an architecture's modeling code does, as the planner, the methods and the runtime need it.
+
+    Set once per ``model_type`` by :mod:`lorabench.architectures`; nothing else compares ``model_type``.
+    """
+
+    qkv: str = "separate"
+    """``separate`` (q_proj, k_proj, v_proj), ``fused_views`` (GPT-2's c_attn split into three views of one
+    storage, no RoPE) or ``fused_slices`` (Phi-3's qkv_proj sliced; RoPE makes new q and k, v stays a view)."""
+    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    """The attention input projection(s), in q, k, v order (one name when fused)."""
+    attn_out: str = "self_attn.o_proj"
+    """The attention output projection."""
+    mlp: str = "gated"
+    """``gated`` (down(act(gate(x)) * up(x))), ``fused_gated`` (Phi-3's gate_up_proj chunked in two),
+    ``plain`` (GPT-2: proj(act(fc(x)))) or ``moe`` (routed experts)."""
+    mlp_modules: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    """The MLP projections in forward order (gate, up, down / gate_up, down / fc, proj)."""
+    hidden_act: str = "silu"
+    """The MLP activation as the config names it (``gelu_new`` is GPT-2's tanh composite)."""
+    post_norms: bool = False
+    """Gemma-2: an extra RMSNorm after the attention and after the MLP, before each residual add."""
+    conv1d: bool = False
+    """Projections are transformers' ``Conv1D`` (weight stored (in, out): PEFT's fan_in_fan_out)."""
+    supports_sdpa: bool = True
+    """transformers runs the architecture with ``attn_implementation="sdpa"`` (not Gemma-2)."""
+    final_logit_softcapping: bool = False
+    """The LM head's logits go through tanh soft-capping (Gemma-2), which saves one more copy."""
+    lora_default_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """PEFT's default LoRA target_modules for this model_type (peft.utils.constants)."""
+    ia3_default_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    """PEFT's default IA3 target_modules."""
+    ia3_default_feedforward: tuple[str, ...] = ("down_proj",)
+    """PEFT's default IA3 feedforward_modules."""
+
+    @property
+    def default_attention(self) -> str:
+        """sdpa where transformers supports it, else eager."""
+        return "sdpa" if self.supports_sdpa else "eager"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer as the planner needs it.
 
@@ -86,6 +128,7 @@ class ModelSpec:
         num_experts, experts_per_token: MoE routing (0 for dense models).
         max_position_embeddings: the longest context the config declares.
         display: human name for tables.
+        traits: what the architecture's modeling code does (:class:`ArchTraits`).
         hf_config: the raw config dict the runtime builds the model from.
     """
 
@@ -109,6 +152,7 @@ class ModelSpec:
     experts_per_token: int = 0
     max_position_embeddings: int = 0
     display: str = ""
+    traits: ArchTraits = field(default_factory=ArchTraits)
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # ---- parameter counts (exact; tested against transformers on the meta device) ----

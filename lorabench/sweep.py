@@ -243,25 +243,12 @@ def fallback_environment(device: str) -> dict[str, Any]:
 
 def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
     """Why this config cannot be measured on ``device`` (None when it can): a world that does not fit
-    (``dist_launch.check_world``), or the bitsandbytes CPU rows problem."""
+    (``dist_launch.check_world``), or the method's own refusal (``MethodConfig.run_problem``: the
+    bitsandbytes CPU rows problem)."""
     from lorabench.runtime.dist_launch import check_world
 
-    return check_world(specs.train.num_gpus, specs.train.sharding, device) or bnb_cpu_problem(specs, device)
-
-
-def bnb_cpu_problem(specs: JobSpecs, device: str) -> str | None:
-    """The qlora bitsandbytes backend on the CPU with a quantized linear whose rows bitsandbytes' CPU kernels
-    get wrong (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`): refused before anything runs."""
-    from lorabench.quant.sizes import bnb_cpu_row_problem
-
-    method = specs.method
-    if device != "cpu" or method.name != "qlora" or getattr(method, "backend", "") != "bitsandbytes":
-        return None
-    for matrix in specs.model.quantized_matrices():
-        problem = bnb_cpu_row_problem(matrix.in_features, method.blocksize)
-        if problem:
-            return f"{problem} ({specs.model.name} {matrix.name}); use method.backend=lorabench, or device=cuda"
-    return None
+    return (check_world(specs.train.num_gpus, specs.train.sharding, device)
+            or specs.method.run_problem(specs.model, device))
 
 
 def launch(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> JobOutcome:

@@ -77,3 +77,31 @@ def test_no_method_module_imported_by_string() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
                 text = ast.unparse(node.args[0]) if node.args else ""
                 assert "methods" not in text, f"{name} imports a method module by string: {text}"
+
+
+def _compares(tree: ast.Module) -> list[ast.Compare]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
+
+
+def test_model_type_compared_only_in_architectures() -> None:
+    bad = []
+    for name, tree in MODULES.items():
+        if name == "lorabench.architectures":
+            continue
+        for node in _compares(tree):
+            if any(isinstance(a, ast.Attribute) and a.attr == "model_type" for a in ast.walk(node)):
+                bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "branch on an architecture trait (ModelSpec.traits) instead: " + "; ".join(bad)
+
+
+def test_method_names_branched_on_only_in_their_folder() -> None:
+    from lorabench.methods import METHOD_NAMES
+
+    bad = []
+    for name, tree in MODULES.items():
+        for node in _compares(tree):
+            strings = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+            for method in strings & set(METHOD_NAMES):
+                if not name.startswith(f"lorabench.methods.{method}"):
+                    bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "use a hook of the method's registry entry instead: " + "; ".join(bad)

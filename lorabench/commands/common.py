@@ -7,7 +7,7 @@ from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
 from lorabench.errors import UserError
-from lorabench.methods import METHOD_NAMES, MethodConfig, make_config
+from lorabench.methods import METHOD_NAMES, MethodConfig, get as get_method, make_config
 from lorabench.memory.optimizer_step import ADAMW_IMPLS
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, resolve_optimizer
 from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
@@ -104,7 +104,7 @@ def method_knobs(args: argparse.Namespace) -> dict[str, Any]:
 
 def default_attention(model: ModelSpec | None) -> str:
     """sdpa, except Gemma-2 (soft-capped logits: transformers only runs it with eager attention)."""
-    return "eager" if model is not None and model.model_type == "gemma2" else "sdpa"
+    return model.traits.default_attention if model is not None else "sdpa"
 
 
 def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
@@ -118,7 +118,7 @@ def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
 
 
 def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
-    precision = args.precision or ("bf16-mixed" if method == "full" else "bf16")
+    precision = args.precision or get_method(method).default_precision
     optimizer, impl = optimizer_from_args(args)
     return TrainSpec(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, precision=precision,
                      gradient_checkpointing=bool(args.gradient_checkpointing),

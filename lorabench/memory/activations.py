@@ -49,24 +49,26 @@ def _rope(g: Graph, x: Sym) -> Sym:
 def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     m, t = ctx.model, ctx.tokens
     d, nh, nkv = m.head_dim, m.num_heads, m.num_kv_heads
+    arch = m.traits
     v_tokens = ctx.hooks.prefix_tokens(ctx.method)
-    if m.model_type == "gpt2":
+    if arch.qkv == "fused_views":
         # c_attn output split into q, k, v views of one storage; no rotary embedding.
         # Saving the three views keeps the one qkv storage alive: pass the same tensor thrice.
-        qkv = _proj(g, x, ctx, "attn.c_attn")
+        qkv = _proj(g, x, ctx, arch.attn_in[0])
         q = k = v = qkv
         v_numel = t * nkv * d
-    elif m.model_type == "phi3":
-        qkv = _proj(g, x, ctx, "self_attn.qkv_proj")
+    elif arch.qkv == "fused_slices":
+        qkv = _proj(g, x, ctx, arch.attn_in[0])
         # q, k, v are slices of one tensor; RoPE makes new q and k; v stays a view of qkv.
         q = _rope(g, g.elementwise(qkv, numel=t * nh * d))
         k = _rope(g, g.elementwise(qkv, numel=t * nkv * d))
         v = qkv  # a view: saving it keeps the whole qkv storage
         v_numel = t * nkv * d
     else:
-        q = _rope(g, _proj(g, x, ctx, "self_attn.q_proj"))
-        k = _rope(g, _proj(g, x, ctx, "self_attn.k_proj"))
-        v = _proj(g, x, ctx, "self_attn.v_proj")
+        q_name, k_name, v_name = arch.attn_in
+        q = _rope(g, _proj(g, x, ctx, q_name))
+        k = _rope(g, _proj(g, x, ctx, k_name))
+        v = _proj(g, x, ctx, v_name)
         v_numel = v.numel
     eager = ctx.train.attention == "eager"
     kv_len = ctx.seq + v_tokens
@@ -78,12 +80,11 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     repeat = nh // nkv if (eager or v_tokens) else 1
     out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat, out_numel=t * nh * d,
                       masked=bool(v_tokens))
-    return _proj(g, out, ctx, "attn.c_proj" if m.model_type == "gpt2" else "self_attn.o_proj")
+    return _proj(g, out, ctx, arch.attn_out)
 
 
-def _gelu(g: Graph, x: Sym, model: ModelSpec) -> Sym:
-    act = str(model.hf_config.get("activation_function", model.hf_config.get("hidden_activation", "")))
-    if act == "gelu_new":
+def _act(g: Graph, x: Sym, model: ModelSpec) -> Sym:
+    if model.traits.hidden_act == "gelu_new":
         # 0.5*x*(1+tanh(c*(x+0.044715*x^3))): pow saves x, tanh its result, the last mul both factors.
         inner = g.add(x, g.scale(g.unary_save_input(x)))
         th = g.unary_save_output(g.scale(inner))
@@ -93,22 +94,25 @@ def _gelu(g: Graph, x: Sym, model: ModelSpec) -> Sym:
 
 def _mlp_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     m = ctx.model
-    if m.model_type == "gpt2":
-        return _proj(g, _gelu(g, _proj(g, x, ctx, "mlp.c_fc"), m), ctx, "mlp.c_proj")
-    if m.model_type == "phi3":
+    kind, names = m.traits.mlp, m.traits.mlp_modules
+    if kind == "plain":
+        fc, proj = names
+        return _proj(g, _act(g, _proj(g, x, ctx, fc), m), ctx, proj)
+    if kind == "fused_gated":
         # gate, up = chunk(2): views of one storage. silu(gate) and gate*up save views, i.e. the whole gu.
-        gu = _proj(g, x, ctx, "mlp.gate_up_proj")
+        gate_up, down = names
+        gu = _proj(g, x, ctx, gate_up)
         if gu.requires_grad:
             g.save(gu)
         act = g.elementwise(gu, numel=gu.numel // 2)
         h = g.mul(act, gu, numel=act.numel)
-        return _proj(g, h, ctx, "mlp.down_proj")
-    if m.is_moe:
+        return _proj(g, h, ctx, down)
+    if kind == "moe" or m.is_moe:
         return _moe_block(g, x, ctx)
-    gate = _proj(g, x, ctx, "mlp.gate_proj")
-    act = _gelu(g, gate, m) if m.model_type == "gemma2" else g.unary_save_input(gate)
-    up = _proj(g, x, ctx, "mlp.up_proj")
-    return _proj(g, g.mul(act, up), ctx, "mlp.down_proj")
+    gate_name, up_name, down_name = names
+    act = _act(g, _proj(g, x, ctx, gate_name), m)
+    up = _proj(g, x, ctx, up_name)
+    return _proj(g, g.mul(act, up), ctx, down_name)
 
 
 def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
@@ -154,13 +158,13 @@ def layer_memory(ctx: LayerCtx, input_requires_grad: bool) -> LayerMemory:
     x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
     attn = _attention_block(g, _norm(g, x, ctx), ctx)
     attn = ctx.hooks.after_sublayer(g, attn, ctx, "attention")
-    if ctx.model.model_type == "gemma2":
+    if ctx.model.traits.post_norms:
         attn = _norm(g, attn, ctx)  # post_attention_layernorm
     h = g.add(x, attn)
     g.hold(h)  # the residual stays alive through the MLP block
     mlp = _mlp_block(g, _norm(g, h, ctx), ctx)
     mlp = ctx.hooks.after_sublayer(g, mlp, ctx, "mlp")
-    if ctx.model.model_type == "gemma2":
+    if ctx.model.traits.post_norms:
         mlp = _norm(g, mlp, ctx)  # post_feedforward_layernorm
     out = g.add(h, mlp)
     g.drop(h)
@@ -218,6 +222,6 @@ def logits_peak_bytes(ctx: LayerCtx) -> int:
     tv = ctx.tokens * ctx.model.vocab_size
     e = DTYPE_BYTES[ctx.train.compute_dtype]
     saved = 4 * tv
-    if ctx.model.hf_config.get("final_logit_softcapping"):
+    if ctx.model.traits.final_logit_softcapping:
         saved += 4 * tv if e == 4 else 2 * tv
     return int(saved + 2 * 4 * tv)

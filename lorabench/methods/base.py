@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from lorabench.errors import require
 
@@ -15,6 +15,8 @@ class MethodConfig:
     """Base class of the six method configs. ``name`` is the method's name everywhere (CLI, conf, records)."""
 
     name: ClassVar[str] = ""
+    labels: ClassVar[tuple[str, ...]] = ()
+    """Report labels this method's runs can carry, in display order (default: the name alone)."""
     adapter_dtype: str = "fp32"
     """dtype of the trainable adapter weights: fp32 (PEFT's autocast_adapter_dtype=True), bf16, fp16, or base
     (the model's own dtype)."""
@@ -22,6 +24,20 @@ class MethodConfig:
     def __post_init__(self) -> None:
         require(self.adapter_dtype in ADAPTER_DTYPES, f"adapter_dtype {self.adapter_dtype!r} is unknown",
                 "use fp32 (default), bf16, fp16 or base")
+
+    @classmethod
+    def label_for(cls, knobs: Mapping[str, Any]) -> str:
+        """The report label of a run with these (recorded) knobs: the method's name."""
+        return cls.name
+
+    @classmethod
+    def all_labels(cls) -> tuple[str, ...]:
+        return cls.labels or (cls.name,)
+
+    def run_problem(self, model: Any, device: str) -> str | None:
+        """Why this config cannot be run (measured) on ``device`` with ``model`` (a ModelSpec), None when it
+        can; the runner refuses such a config before anything runs."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.name}

@@ -28,14 +28,15 @@ from typing import Any
 import pandas as pd
 
 from lorabench.memory.categories import PLANNER_COMPONENTS, TRACE_CATEGORIES, to_trace_categories
+from lorabench.methods import CONFIGS
 
 LEVELS: tuple[str, ...] = ("allocated", "reserved", "device")
 LEVEL_TITLES: dict[str, str] = {
     "allocated": "allocated (tensors)", "reserved": "reserved (allocator)", "device": "device (NVML)",
     "traced": "traced (fake tensors)",
 }
-#: Canonical method order (tables, legends, colors).
-METHOD_ORDER: tuple[str, ...] = ("full", "lora", "qlora", "qlora[bnb]", "prefix", "adapters", "ia3")
+#: Canonical method order (tables, legends, colors): the registry's order, each method's labels.
+METHOD_ORDER: tuple[str, ...] = tuple(label for cls in CONFIGS.values() for label in cls.all_labels())
 #: predicted.fits as words (null: no GPU and no memory cap to judge against).
 VERDICTS: tuple[str, ...] = ("fits", "does not fit", "no verdict")
 GIB = 2**30
@@ -55,8 +56,10 @@ def num(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 def method_label(method: str, backend: Any) -> str:
-    """``qlora[bnb]`` for the bitsandbytes QLoRA backend, else the method name."""
-    return f"{method}[bnb]" if method == "qlora" and backend == "bitsandbytes" else str(method)
+    """The method's report label for a run (``qlora[bnb]`` for the bitsandbytes QLoRA backend), the bare name
+    for a method this checkout does not know."""
+    cls = CONFIGS.get(str(method))
+    return cls.label_for({"backend": backend}) if cls is not None else str(method)
 
 
 def method_rank(label: str) -> int:

@@ -26,10 +26,6 @@ from lorabench.methods.common import (TORCH_DTYPES, adapter_torch_dtype, decoder
                                       layer_module_paths, replace_module, torch_dtype)
 from lorabench.specs import ModelSpec, TrainSpec
 
-#: model_types whose transformers implementation refuses ``attn_implementation="sdpa"`` (attention softcapping).
-_NO_SDPA = ("gemma2",)
-
-
 def build_model(spec: ModelSpec, train: TrainSpec, *, device: str = "cpu", seed: int = 0) -> PreTrainedModel:
     """The transformers causal LM of ``spec`` with random init, parameters in ``train.param_dtype``.
 
@@ -45,7 +41,7 @@ def build_model(spec: ModelSpec, train: TrainSpec, *, device: str = "cpu", seed:
     Raises:
         UserError: the architecture cannot run ``train.attention`` (Gemma-2 has no sdpa path).
     """
-    if train.attention == "sdpa" and spec.model_type in _NO_SDPA:
+    if train.attention == "sdpa" and not spec.traits.supports_sdpa:
         raise UserError(f"transformers has no sdpa attention for {spec.model_type} ({spec.name})",
                         "pass --attention eager")
     config = AutoConfig.for_model(**dict(spec.hf_config))

@@ -221,8 +221,11 @@ class Measurement:
         }
         gpu = self.payload.get("gpu")
         if stats["tokens_per_s"] and self.trainable_params is not None:
-            attended = self.train.seq_len + (getattr(self.method, "num_virtual_tokens", 0) or 0)
-            flops = probe.training_flops_per_token(self.spec, self.method.name, self.trainable_params, attended)
+            from lorabench.methods import get as get_method
+
+            estimator = get_method(self.method.name).estimator
+            attended = self.train.seq_len + estimator.prefix_tokens(self.method)
+            flops = probe.training_flops_per_token(self.spec, estimator.trains_base, self.trainable_params, attended)
             out["flops_per_token"] = flops
             if cuda and gpu:
                 out["mfu"] = probe.model_flops_utilization(flops, stats["tokens_per_s"], gpu["bf16_flops_per_s"])

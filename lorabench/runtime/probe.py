@@ -223,7 +223,7 @@ def matmul_params(spec: ModelSpec) -> int:
     return spec.total_params - spec.embedding_params + tied_head
 
 
-def training_flops_per_token(spec: ModelSpec, method: str, trainable_params: int, attended_len: int) -> float:
+def training_flops_per_token(spec: ModelSpec, trains_base: bool, trainable_params: int, attended_len: int) -> float:
     """Model FLOPs of one training token (forward + backward), excluding recomputation.
 
     Dense matmuls cost 2 FLOPs per parameter per token forward. Backward costs 2 more for the input gradient
@@ -231,8 +231,8 @@ def training_flops_per_token(spec: ModelSpec, method: str, trainable_params: int
     Sec. 2.1: C = 6N per token). A frozen base weight still passes input gradients back, so with a parameter-
     efficient method it costs 4, and the adapter weights cost the full 6:
 
-        full:      6 * N_matmul
-        PEFT:      4 * N_matmul + 6 * N_trainable
+        base trains (full):  6 * N_matmul
+        PEFT:                4 * N_matmul + 6 * N_trainable
 
     plus attention scores and values, 12 * L * n_heads * head_dim * T per token with T the number of attended
     positions (seq_len + virtual tokens for prefix tuning), as in PaLM (Chowdhery et al. 2022, arXiv:2204.02311,
@@ -241,12 +241,12 @@ def training_flops_per_token(spec: ModelSpec, method: str, trainable_params: int
 
     Args:
         spec: the model.
-        method: method name (``full`` or a PEFT method).
+        trains_base: whether the base weights train (full fine-tuning; the method's estimator says).
         trainable_params: parameters with ``requires_grad`` in the built model.
         attended_len: positions each query attends over (seq_len, + num_virtual_tokens for prefix).
     """
     n_matmul = matmul_params(spec)
-    dense = 6.0 * n_matmul if method == "full" else 4.0 * n_matmul + 6.0 * trainable_params
+    dense = 6.0 * n_matmul if trains_base else 4.0 * n_matmul + 6.0 * trainable_params
     attention = 12.0 * spec.num_layers * spec.num_heads * spec.head_dim * attended_len
     return dense + attention
 

@@ -51,10 +51,10 @@ def test_flops_formula_matches_the_6n_rule_and_peft_discount() -> None:
     # Llama-2-7B: 6,738,415,616 params, embeddings 32000*4096 are a lookup, the untied head is a matmul.
     assert n == 6_738_415_616 - 32000 * 4096
     attention = 12 * 32 * 32 * 128 * 512
-    assert probe.training_flops_per_token(spec, "full", 6_738_415_616, 512) == 6 * n + attention
-    lora = probe.training_flops_per_token(spec, "lora", 4_194_304, 512)
+    assert probe.training_flops_per_token(spec, True, 6_738_415_616, 512) == 6 * n + attention
+    lora = probe.training_flops_per_token(spec, False, 4_194_304, 512)
     assert lora == 4 * n + 6 * 4_194_304 + attention
-    assert lora / probe.training_flops_per_token(spec, "full", 6_738_415_616, 512) == pytest.approx(2 / 3, rel=0.02)
+    assert lora / probe.training_flops_per_token(spec, True, 6_738_415_616, 512) == pytest.approx(2 / 3, rel=0.02)
     assert probe.model_flops_utilization(1e9, 1e3, 1e15) == pytest.approx(1e-3)
 
 

@@ -22,7 +22,7 @@ from lorabench.errors import UserError
 from lorabench.methods.ia3.config import IA3Config
 from lorabench.methods.common import (PEFT_KEY_PREFIX, adapter_torch_dtype, freeze, is_conv1d, layer_module_paths,
                                       load_peft_state, module_device, replace_module, save_peft_files)
-from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, name_matches, select
+from lorabench.methods.targets import name_matches, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 
@@ -61,7 +61,7 @@ class IA3Linear(nn.Module):
 def feedforward_targets(spec: ModelSpec, cfg: IA3Config) -> tuple[str, ...]:
     """``cfg.feedforward_modules``, or PEFT's per-architecture default (empty when there is none)."""
     if cfg.feedforward_modules is None:
-        return IA3_DEFAULT_FEEDFORWARD.get(spec.model_type, ())
+        return spec.traits.ia3_default_feedforward
     if cfg.feedforward_modules == "all-linear":
         raise UserError("ia3 feedforward_modules cannot be 'all-linear'", "list the feed-forward modules")
     return tuple(cfg.feedforward_modules)
@@ -69,7 +69,7 @@ def feedforward_targets(spec: ModelSpec, cfg: IA3Config) -> tuple[str, ...]:
 
 def ia3_targets(spec: ModelSpec, cfg: IA3Config) -> list[tuple[MatrixSpec, bool]]:
     """(matrix, is_feedforward) for every IA3 target of one decoder layer (PEFT's suffix matching)."""
-    chosen = select(spec, cfg.target_modules, IA3_DEFAULT_TARGETS, cfg.name)
+    chosen = select(spec, cfg.target_modules, spec.traits.ia3_default_targets, cfg.name)
     ff = feedforward_targets(spec, cfg)
     return [(m, any(name_matches(m.name, t) for t in ff)) for m in chosen]
 
@@ -108,7 +108,7 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
         "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": spec.name,
         "target_modules": sorted(m.name for m, _ in targets),
         "feedforward_modules": sorted(m.name for m, ff in targets if ff),
-        "fan_in_fan_out": spec.model_type == "gpt2", "init_ia3_weights": True, "inference_mode": True,
+        "fan_in_fan_out": spec.traits.conv1d, "init_ia3_weights": True, "inference_mode": True,
         "modules_to_save": None,
     }
     return save_peft_files(directory, config, state)

@@ -15,7 +15,7 @@ from lorabench.methods.terms import base_linear, frozen_storage, is_target
 from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.ia3.config import IA3Config
-from lorabench.methods.targets import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, name_matches, select
+from lorabench.methods.targets import name_matches, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
@@ -25,13 +25,13 @@ trains_base = False
 
 
 def targets(model: ModelSpec, cfg: IA3Config) -> tuple[MatrixSpec, ...]:
-    return select(model, cfg.target_modules, IA3_DEFAULT_TARGETS, cfg.name)
+    return select(model, cfg.target_modules, model.traits.ia3_default_targets, cfg.name)
 
 
 def is_feedforward(model: ModelSpec, cfg: IA3Config, m: MatrixSpec) -> bool:
     ff = cfg.feedforward_modules
     if ff is None:
-        ff = IA3_DEFAULT_FEEDFORWARD.get(model.model_type, ())
+        ff = model.traits.ia3_default_feedforward
     if ff == "all-linear":
         return True
     return any(name_matches(m.name, t) for t in ff)

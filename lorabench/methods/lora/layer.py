@@ -30,7 +30,7 @@ from torch import nn
 
 from lorabench.errors import UserError
 from lorabench.methods.lora.config import LoraConfig
-from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
+from lorabench.methods.targets import select
 from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_torch_dtype, freeze, is_conv1d,  # noqa: F401
                                       layer_module_paths, load_peft_state, module_device, replace_module,
                                       save_peft_files)
@@ -132,7 +132,7 @@ def apply(model: nn.Module, spec: ModelSpec, cfg: LoraConfig, train: TrainSpec) 
         ``model`` itself, mutated: base parameters frozen in ``train.param_dtype``; ``lora_A``/``lora_B``
         trainable in ``adapter_torch_dtype(cfg, train)`` (fp32 by default), on the base weight's device.
     """
-    chosen = select(spec, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+    chosen = select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name)
     freeze(model)
     wrap_lora(model, chosen, cfg, adapter_torch_dtype(cfg, train))
     return model
@@ -169,12 +169,12 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
     state = {PEFT_KEY_PREFIX + name: p for name, p in adapter_state(model).items()}
     if not state:
         raise UserError("the model has no LoRA layers to save", "prepare it with method lora or qlora")
-    chosen = select(spec, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+    chosen = select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": spec.name,
         "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for m in chosen), "bias": "none",
-        "fan_in_fan_out": spec.model_type == "gpt2", "init_lora_weights": True, "inference_mode": True,
+        "fan_in_fan_out": spec.traits.conv1d, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": False,
     }
     return save_peft_files(directory, config, state)

@@ -16,7 +16,7 @@ from lorabench.methods.terms import adapter_dtype, base_linear, frozen_storage, 
 from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.config import LoraConfig
-from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
+from lorabench.methods.targets import select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
@@ -26,7 +26,7 @@ trains_base = False
 
 
 def targets(model: ModelSpec, cfg: LoraConfig) -> tuple[MatrixSpec, ...]:
-    return select(model, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+    return select(model, cfg.target_modules, model.traits.lora_default_targets, cfg.name)
 
 
 def check(model: ModelSpec, cfg: LoraConfig) -> None:

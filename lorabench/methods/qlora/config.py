@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from lorabench.errors import require
 from lorabench.methods.lora.config import LoraConfig
@@ -18,6 +18,7 @@ class QLoraConfig(LoraConfig):
     """
 
     name: ClassVar[str] = "qlora"
+    labels: ClassVar[tuple[str, ...]] = ("qlora", "qlora[bnb]")
     target_modules: str | tuple[str, ...] | None = "all-linear"
     double_quant: bool = True
     """Quantize the fp32 absmax constants to 8 bit (blocks of 256): 0.127 vs 0.5 bits/param."""
@@ -30,6 +31,24 @@ class QLoraConfig(LoraConfig):
     dequant: str = "auto"
     """lorabench backend: 'triton' (one Triton kernel, no scratch), 'torch' (chunked torch ops, scratch
     of two 4M-element chunks), or 'auto' (triton on CUDA when triton imports, torch on the CPU)."""
+
+    @classmethod
+    def label_for(cls, knobs: Mapping[str, Any]) -> str:
+        """``qlora[bnb]`` for runs on the bitsandbytes backend, else ``qlora``."""
+        return "qlora[bnb]" if knobs.get("backend") == "bitsandbytes" else "qlora"
+
+    def run_problem(self, model: Any, device: str) -> str | None:
+        """The bitsandbytes backend on the CPU with a quantized linear whose rows bitsandbytes' CPU kernels
+        get wrong (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`)."""
+        from lorabench.quant.sizes import bnb_cpu_row_problem
+
+        if device != "cpu" or self.backend != "bitsandbytes":
+            return None
+        for matrix in model.quantized_matrices():
+            problem = bnb_cpu_row_problem(matrix.in_features, self.blocksize)
+            if problem:
+                return f"{problem} ({model.name} {matrix.name}); use method.backend=lorabench, or device=cuda"
+        return None
 
     def __post_init__(self) -> None:
         super().__post_init__()

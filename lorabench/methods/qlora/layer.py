@@ -32,7 +32,7 @@ from lorabench.methods.common import (adapter_torch_dtype, freeze, is_conv1d, la
                                       torch_dtype)
 from lorabench.methods.lora.layer import lora_modules, wrap_lora
 from lorabench.methods.qlora.config import QLoraConfig
-from lorabench.methods.targets import LORA_DEFAULT_TARGETS, select
+from lorabench.methods.targets import select
 from lorabench.quant.linear4bit import Linear4bit
 from lorabench.quant.nf4 import NF4Tensor
 from lorabench.specs import ModelSpec, TrainSpec
@@ -127,7 +127,7 @@ def apply(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec)
         UserError: fused MoE experts (Mixtral), or the bitsandbytes backend with blocksize != 64 or on meta.
     """
     _check(spec, cfg)
-    chosen = select(spec, cfg.target_modules, LORA_DEFAULT_TARGETS, cfg.name)
+    chosen = select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name)
     freeze(model)
     for path in quantized_paths(model, spec):
         module = model.get_submodule(path)
