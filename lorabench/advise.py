@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from lorabench.errors import require
 from lorabench.memory.planner import Prediction, fits, predict
-from lorabench.methods import make_config
+from lorabench.methods import get as get_method, make_config
 from lorabench.methods.base import MethodConfig
 from lorabench.specs import GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
 from lorabench.steptime.model import StepTime, predict_time
@@ -88,7 +88,7 @@ def _shardings(num_gpus: int) -> tuple[str, ...]:
 def _combos(num_gpus: int) -> Iterator[tuple[str, dict[str, Any], bool, str, str, str]]:
     for (name, knobs), ckpt, opt, sharding in itertools.product(METHOD_VARIANTS, (False, True), OPTIMIZERS,
                                                                _shardings(num_gpus)):
-        for dtype in (("fp32",) if name == "full" else PEFT_ADAPTER_DTYPES):
+        for dtype in (("fp32",) if get_method(name).estimator.trains_base else PEFT_ADAPTER_DTYPES):
             yield name, knobs, ckpt, opt, sharding, dtype
 
 
@@ -114,8 +114,9 @@ def search(model: ModelSpec, gpu: GpuSpec, seq_len: int = 2048, global_batch: in
     misses: list[Candidate] = []
     searched = 0
     for i, (name, knobs, ckpt, opt, sharding, dtype) in enumerate(combos):
-        method = make_config(name, {**knobs, **({"adapter_dtype": dtype} if name != "full" else {})})
-        precision = "bf16-mixed" if name == "full" else "bf16"
+        entry = get_method(name)
+        method = make_config(name, {**knobs, **({} if entry.estimator.trains_base else {"adapter_dtype": dtype})})
+        precision = entry.default_precision
         for b in batches:
             train = TrainSpec(micro_batch_size=b, seq_len=seq_len, precision=precision, gradient_checkpointing=ckpt,
                               optimizer=OptimizerSpec(opt), grad_accum_steps=global_batch // (num_gpus * b),

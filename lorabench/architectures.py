@@ -60,6 +60,7 @@ def _shape(cfg: Config) -> tuple[int, int, int, int, int, int]:
     n_kv = int(_get(cfg, "num_key_value_heads", default=n_heads))
     _check_heads(h, n_heads, n_kv, explicit_head_dim=cfg.get("head_dim") is not None)
     d = int(_get(cfg, "head_dim", default=h // n_heads))
+    require(d > 0, f"config has head_dim={d}", "head_dim must be a positive integer (or omit it)")
     return h, n_heads, n_kv, d, _int(cfg, "intermediate_size"), _int(cfg, "num_hidden_layers")
 
 
@@ -161,7 +162,7 @@ _PARSERS: dict[str, Callable[[Config], dict[str, Any]]] = {
 _TIED_DEFAULT = {"gpt2": True, "gemma2": True}
 
 _GPT2_TRAITS = ArchTraits(qkv="fused_views", attn_in=("attn.c_attn",), attn_out="attn.c_proj", mlp="plain",
-                          mlp_modules=("mlp.c_fc", "mlp.c_proj"), hidden_act="gelu_new", conv1d=True,
+                          mlp_modules=("mlp.c_fc", "mlp.c_proj"), hidden_act="gelu_new", conv1d=True, rotary=False,
                           lora_default_targets=("c_attn",), ia3_default_targets=("c_attn", "mlp.c_proj"),
                           ia3_default_feedforward=("mlp.c_proj",))
 
@@ -186,7 +187,8 @@ _TRAITS: dict[str, ArchTraits] = {
 def _traits(model_type: str, cfg: Config) -> ArchTraits:
     """The model_type's traits, with the activation and soft-capping the config itself declares."""
     base = _TRAITS[model_type]
-    act = str(_get(cfg, "activation_function", "hidden_activation", "hidden_act", default=base.hidden_act))
+    act = next((str(cfg[k]) for k in ("activation_function", "hidden_activation", "hidden_act")
+                if cfg.get(k) is not None), base.hidden_act)
     return replace(base, hidden_act=act, final_logit_softcapping=bool(cfg.get("final_logit_softcapping")))
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_PARSERS))

@@ -90,6 +90,8 @@ class ArchTraits:
     """The MLP activation as the config names it (``gelu_new`` is GPT-2's tanh composite)."""
     post_norms: bool = False
     """Gemma-2: an extra RMSNorm after the attention and after the MLP, before each residual add."""
+    rotary: bool = True
+    """Rotary position embeddings applied to q and k (GPT-2 has learned absolute positions instead)."""
     conv1d: bool = False
     """Projections are transformers' ``Conv1D`` (weight stored (in, out): PEFT's fan_in_fan_out)."""
     supports_sdpa: bool = True
@@ -102,6 +104,11 @@ class ArchTraits:
     """PEFT's default IA3 target_modules."""
     ia3_default_feedforward: tuple[str, ...] = ("down_proj",)
     """PEFT's default IA3 feedforward_modules."""
+
+    @property
+    def norms_per_layer(self) -> int:
+        """Norm modules in one decoder layer: 2, or 4 with post-norms."""
+        return 4 if self.post_norms else 2
 
     @property
     def default_attention(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
 from lorabench.commands.common import add_format_arg, add_model_arg, budget_from_args
+from lorabench.methods import get as get_method
 from lorabench.render import render
 from lorabench.units import gib, seconds, usd
 
@@ -35,7 +36,7 @@ def _knobs(c: Any) -> str:
     d = c.method.to_dict()
     bits = [f"r={d['r']}" if "r" in d else "", "all-linear" if d.get("target_modules") == "all-linear" else "",
             f"{d['backend']}" if d.get("backend") == "bitsandbytes" else "", f"{d['adapter_dtype']} weights"
-            if c.method.name != "full" else ""]
+            if not get_method(c.method.name).estimator.trains_base else ""]
     return " ".join(b for b in bits if b)
 
 

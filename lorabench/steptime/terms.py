@@ -124,9 +124,9 @@ def layer_elementwise(model: ModelSpec, train: TrainSpec) -> tuple[Work, Work]:
     """
     t, h, e = train.tokens_per_step, model.hidden_size, DTYPE_BYTES[train.compute_dtype]
     nh, nkv, d, inter = model.num_heads, model.num_kv_heads, model.head_dim, model.intermediate_size
-    norms = 4 if model.model_type == "gemma2" else 2
+    norms = model.traits.norms_per_layer
     norm_b, norm_k = _norm_bytes_per_elem(model, e)
-    rope = model.model_type != "gpt2"
+    rope = model.traits.rotary
     gated = model.gated_mlp
     per_token = (norms * norm_b * h + (9 * e * (nh + nkv) * d if rope else 0) + 2 * 3 * e * h
                  + (5 * e if gated else 16 * e) * inter * (model.experts_per_token or 1) + 2 * e * nh * d)

@@ -18,7 +18,7 @@ def dequant_work(model: ModelSpec, cfg: FullConfig, train: TrainSpec) -> Work:
 
 def trainable_tensors(model: ModelSpec, cfg: FullConfig) -> int:
     """Every weight, bias and norm tensor: per layer its matrices, biases and norms; embeddings, head, final norm."""
-    norms = 4 if model.model_type == "gemma2" else 2
+    norms = model.traits.norms_per_layer
     norm_tensors = norms * (2 if model.norm_kind == "layernorm" else 1)
     per_layer = sum(1 + (1 if m.bias else 0) for m in model.matrices) + norm_tensors
     head = 0 if model.tie_word_embeddings else 1
