@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from lorabench.catalog import all_gpus
 from lorabench.commands import timing
+from lorabench.commands.notes import method_notes
 from lorabench.commands.common import (add_cost_args, add_format_arg, add_plan_args, budget_from_args, gpu_from_args,
                                       specs_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS, TRACE_TO_PLANNER
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if step is not None and gpu is not None:
             prediction.update(timing.json_fields(step, budget, gpu))
         extra = {"model": model.name, "method": method.to_dict(), "train": train.to_record(),
-                 "prediction": prediction, "verdicts": verdicts}
+                 "prediction": prediction, "verdicts": verdicts, "notes": method_notes(model, method, pred)}
         if traced is not None:
             extra["traced"] = traced
         print(render(rows, "json", extra=extra))
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     print(render(rows, args.format))
     if train.grad_accum_steps > 1:
         print(f"gradient accumulation x{train.grad_accum_steps}: same peak memory (one micro-batch at a time).")
+    for note in method_notes(model, method, pred):
+        print(note)
     if pred.host_bytes:
         print(f"paged optimizer: {gib(pred.host_bytes)} GiB of states may page to host memory under pressure.")
     if step is not None and gpu is not None:

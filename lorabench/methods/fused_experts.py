@@ -1,0 +1,37 @@
+"""LoRA on fused MoE parameters as PEFT does it (``target_parameters``), counted without torch.
+
+transformers >= 5 stores Mixtral's experts as two 3-D parameters per layer (``mlp.experts.gate_up_proj``
+of E x 2I x h, ``mlp.experts.down_proj`` of E x h x I) and its router as a raw ``mlp.gate.weight`` (E x h),
+so none of them is an ``nn.Linear`` that ``target_modules`` can match. PEFT wraps such parameters with
+``ParamWrapper`` (docs/SOURCES.md#peft-target-parameters): for a 3-D parameter of E experts, lora_A is
+in x (r E) and lora_B is (r E) x out, i.e. E r (in + out) parameters; for a 2-D one r (in + out).
+On transformers 5, peft 0.21 also rewrites transformers-4 target names (``all-linear``, ``w1``/``w2``/``w3``,
+``gate``) to these parameters, at rank 2r (and alpha 2 alpha) for ``gate_up_proj`` because it fuses w1 and w3
+(docs/SOURCES.md#peft-moe-conversion).
+"""
+
+from __future__ import annotations
+
+from lorabench.specs import MatrixSpec, ModelSpec
+
+#: model_type -> {matrix name in the layer: rank multiplier} PEFT's all-linear reaches through target_parameters.
+PEFT_ALL_LINEAR_PARAMETERS: dict[str, dict[str, int]] = {
+    "mixtral": {"mlp.gate": 1, "mlp.experts.gate_up_proj": 2, "mlp.experts.down_proj": 1},
+}
+
+
+def fused_matrices(model: ModelSpec) -> tuple[MatrixSpec, ...]:
+    """Layer matrices that are raw parameters, not ``nn.Linear`` modules (routers, fused experts)."""
+    return tuple(m for m in model.matrices if not m.is_linear)
+
+
+def param_wrapper_params(matrix: MatrixSpec, r: int) -> int:
+    """Trainable elements of PEFT's ParamWrapper at rank r: copies * r * (in + out)."""
+    return matrix.copies * r * (matrix.in_features + matrix.out_features)
+
+
+def peft_all_linear_extra_params(model: ModelSpec, r: int) -> int:
+    """LoRA elements PEFT's ``all-linear`` adds on the router and experts, beyond the nn.Linear targets."""
+    ranks = PEFT_ALL_LINEAR_PARAMETERS.get(model.model_type, {})
+    per_layer = sum(param_wrapper_params(m, r * ranks[m.name]) for m in fused_matrices(model) if m.name in ranks)
+    return model.num_layers * per_layer

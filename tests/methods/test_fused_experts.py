@@ -1,0 +1,57 @@
+"""LoRA on Mixtral's fused experts: lorabench's counts of what PEFT trains, checked against PEFT on meta."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from lorabench.catalog import load_model  # noqa: E402
+from lorabench.commands.notes import method_notes  # noqa: E402
+from lorabench.memory.planner import predict  # noqa: E402
+from lorabench.methods import make_config  # noqa: E402
+from lorabench.methods.fused_experts import fused_matrices, param_wrapper_params, peft_all_linear_extra_params  # noqa: E402
+from lorabench.runtime.build import build_model  # noqa: E402
+from lorabench.specs import TrainSpec  # noqa: E402
+
+TRAIN = TrainSpec(precision="bf16")
+
+
+def _peft_count(name: str, **kw: Any) -> int:
+    base = build_model(load_model(name), TRAIN, device="meta")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that its gate_up_proj rank pattern matched no module
+        model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name, r", [("tiny-mixtral", 4), ("mixtral-8x7b", 8)])
+def test_all_linear_matches_peft(name: str, r: int) -> None:
+    spec = load_model(name)
+    ours = predict(spec, make_config("lora", {"r": r, "target_modules": "all-linear"}), TRAIN).trainable_params
+    want = _peft_count(name, r=r, lora_alpha=r, target_modules="all-linear")
+    assert ours + peft_all_linear_extra_params(spec, r) == want
+    if name == "mixtral-8x7b":
+        assert (ours, want) == (6_815_744, 179_832_832)
+
+
+def test_target_parameters_on_experts_match_peft() -> None:
+    spec = load_model("tiny-mixtral")
+    experts = [m for m in fused_matrices(spec) if ".experts." in m.name]
+    want = _peft_count("tiny-mixtral", r=4, target_modules=[],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert spec.num_layers * sum(param_wrapper_params(m, 4) for m in experts) == want
+
+
+def test_notes_say_what_lora_trains_on_mixtral() -> None:
+    spec = load_model("mixtral")
+    cfg = make_config("qlora", {"target_modules": "all-linear"})
+    notes = method_notes(spec, cfg, predict(spec, cfg, TRAIN))
+    assert "q_proj, k_proj, v_proj, o_proj only (6.82M" in notes[0] and "NF4" in notes[0]
+    assert "179.83M trainable" in notes[1] and "bitsandbytes#1849" in notes[2]
+    dense = load_model("7b")
+    assert method_notes(dense, cfg, predict(dense, cfg, TRAIN)) == []
