@@ -179,7 +179,9 @@ _TRAITS: dict[str, ArchTraits] = {
                        mlp_modules=("mlp.gate_up_proj", "mlp.down_proj"), lora_default_targets=("qkv_proj",),
                        ia3_default_targets=("qkv_proj", "down_proj")),
     "mixtral": ArchTraits(mlp="moe", mlp_modules=(), ia3_default_targets=("k_proj", "v_proj"),
-                          ia3_default_feedforward=()),
+                          ia3_default_feedforward=(),
+                          peft_all_linear_parameters=(("mlp.gate", 1), ("mlp.experts.gate_up_proj", 2),
+                                                      ("mlp.experts.down_proj", 1))),
     "gpt2": _GPT2_TRAITS,
 }
 

@@ -104,6 +104,9 @@ class ArchTraits:
     """PEFT's default IA3 target_modules."""
     ia3_default_feedforward: tuple[str, ...] = ("down_proj",)
     """PEFT's default IA3 feedforward_modules."""
+    peft_all_linear_parameters: tuple[tuple[str, int], ...] = ()
+    """Raw parameters (layer matrix name, rank multiplier) that PEFT's ``all-linear`` also wraps through
+    ``target_parameters`` on transformers 5 (Mixtral: router, and gate_up_proj at 2r; docs/SOURCES.md#peft-moe-conversion)."""
 
     @property
     def norms_per_layer(self) -> int:

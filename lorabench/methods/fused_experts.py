@@ -14,12 +14,6 @@ from __future__ import annotations
 
 from lorabench.specs import MatrixSpec, ModelSpec
 
-#: model_type -> {matrix name in the layer: rank multiplier} PEFT's all-linear reaches through target_parameters.
-PEFT_ALL_LINEAR_PARAMETERS: dict[str, dict[str, int]] = {
-    "mixtral": {"mlp.gate": 1, "mlp.experts.gate_up_proj": 2, "mlp.experts.down_proj": 1},
-}
-
-
 def fused_matrices(model: ModelSpec) -> tuple[MatrixSpec, ...]:
     """Layer matrices that are raw parameters, not ``nn.Linear`` modules (routers, fused experts)."""
     return tuple(m for m in model.matrices if not m.is_linear)
@@ -32,6 +26,6 @@ def param_wrapper_params(matrix: MatrixSpec, r: int) -> int:
 
 def peft_all_linear_extra_params(model: ModelSpec, r: int) -> int:
     """LoRA elements PEFT's ``all-linear`` adds on the router and experts, beyond the nn.Linear targets."""
-    ranks = PEFT_ALL_LINEAR_PARAMETERS.get(model.model_type, {})
+    ranks = dict(model.traits.peft_all_linear_parameters)
     per_layer = sum(param_wrapper_params(m, r * ranks[m.name]) for m in fused_matrices(model) if m.name in ranks)
     return model.num_layers * per_layer
