@@ -36,7 +36,7 @@ changes half when records are added. Capped runs (``memory_cap_bytes`` set: the 
 scored: the allocator behaves differently near a cap. Instead every probe with status ok or oom is a verdict
 check: predicted fit (R <= cap, as :func:`lorabench.sweep.predicted_block` decides) must equal status ok.
 
-Targets (issue 7), on the held-out half: median |D_pred - d| / d <= 2 %, max <= 5 %; every probe's verdict right.
+Targets, on the held-out half: median |D_pred - d| / d <= 2 %, max <= 5 %; every probe's verdict right.
 :func:`check` is the function the CI guard (tests/test_gpu_records.py) runs on the committed records.
 
     python scripts/calibrate.py                                  # results/gpu-validate + results/gpu-probes

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download (and where needed build) into .whl/ the Python wheels the GPU machine's image lacks, for the GPU
-# validation campaign (issue 7; docs/GPU_CAMPAIGN.md). Run it HERE (it needs PyPI), then carry `.whl` in the
+# validation campaign (docs/GPU_CAMPAIGN.md). Run it HERE (it needs PyPI), then carry `.whl` in the
 # device `run` call (scripts/gpu_campaign.sh installs them to /tmp/site there).
 #
 #   bash scripts/fetch_gpu_wheels.sh               # bitsandbytes slimmed to its CUDA 13 libraries

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU validation campaign of issue 7 as time-boxed device commands (docs/GPU_CAMPAIGN.md has the plan).
+# The GPU validation campaign as time-boxed device commands (docs/GPU_CAMPAIGN.md has the plan).
 #
 # Stages (several may share one device command: `probes,perf`; the whole command stops starting work after
 # BUDGET_S=540 s so it ends inside the device's 10-minute limit, and copies what it has to $OUT):

@@ -1,4 +1,4 @@
-"""Plan the OOM probes of the GPU validation campaign (issue 7): configs capped just below and just above the
+"""Plan the OOM probes of the GPU validation campaign: configs capped just below and just above the
 planner's predicted memory, so that one GPU probes many fit/OOM boundaries.
 
 A probe is a config of the validation grid (``conf/sweep/<preset>.yaml``, composed by Hydra exactly as the sweep
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: Relative distance of each cap from the planner's level (the issue's max error target is 5 %).
+#: Relative distance of each cap from the planner's level (the campaign's max error target is 5 %).
 DEFAULT_MARGIN = 0.05
 
 

@@ -1,7 +1,7 @@
-"""The GPU-accuracy regression guard (issue 7) and the calibration it relies on.
+"""The GPU-accuracy regression guard and the calibration it relies on.
 
 ``test_committed_gpu_records_meet_the_accuracy_targets`` recomputes the planner's prediction for every committed
-GPU record (results/*/records.jsonl, device cuda) with the committed calibration and asserts the issue's targets
+GPU record (results/*/records.jsonl, device cuda) with the committed calibration and asserts the campaign's targets
 on the held-out half: median |predicted - measured| / measured <= 2 % and max <= 5 % on the NVML device peak, and
 the fit/OOM verdict right on every probe. It skips while no GPU record is committed.
 
@@ -63,7 +63,7 @@ def guard_failures(recs: list[dict[str, Any]]) -> list[str]:
 def test_committed_gpu_records_meet_the_accuracy_targets() -> None:
     recs = committed_gpu_records()
     if not any(calibrate.is_measured_gpu_run(r) or calibrate.is_probe(r) for r in recs):
-        pytest.skip("no GPU records committed yet (issue 7 needs a GPU)")
+        pytest.skip("no GPU records committed yet (the validation campaign needs a GPU)")
     failures = guard_failures(recs)
     assert not failures, "\n".join(failures)
 
