@@ -17,7 +17,8 @@ states, ZeRO-2 also gradients, ZeRO-3 also parameters. lorabench runs them with 
   - the root group (embeddings, final norm, lm_head, prefix parameters) stays gathered from its forward
     to the end of backward (FSDP2 does not reshard the root after forward);
   - zero3 gathers one layer in forward, and in backward the current layer plus the next one, which FSDP2
-    prefetches (all-gathered at the current layer's pre-backward);
+    prefetches (all-gathered at the current layer's pre-backward; the root's pre-backward prefetches the
+    top layer, so the loss backward already holds it);
   - zero2 (``reshard_after_forward=False``) keeps every layer gathered from its forward to its own
     post-backward.
 
@@ -149,8 +150,10 @@ def gathered_layers(train: TrainSpec, moment: str, num_layers: int) -> int:
         return 0
     if train.sharding == "zero2":
         return num_layers if moment in ("forward", "loss", "top") else 1
-    if moment in ("forward", "loss"):
+    if moment == "forward":
         return 0
+    if moment == "loss":  # the root's pre-backward prefetches the top layer (still a flat all-gather output)
+        return 1
     return min(2, num_layers) if moment == "top" else 1
 
 
