@@ -97,7 +97,7 @@ def make_dist_optimizer(model: Any, train: Any, lr: float) -> Any:
     from lorabench.runtime.step import make_optimizer
 
     if train.sharding != "zero1":
-        return make_optimizer(model.parameters(), train.optimizer, lr, foreach=True)
+        return make_optimizer(model.parameters(), train.optimizer, lr, impl=train.adamw_impl)
     import torch
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -109,7 +109,8 @@ def make_dist_optimizer(model: Any, train: Any, lr: float) -> Any:
     cls, kwargs = ((torch.optim.AdamW, {}) if name == "adamw"
                    else (torch.optim.SGD, {"momentum": 0.9 if name == "sgd_momentum" else 0.0}))
     params = [p for p in model.parameters() if p.requires_grad]
-    return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, foreach=True, **kwargs)
+    impl = {"fused": True} if train.adamw_impl == "fused" else {"foreach": train.adamw_impl == "foreach"}
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, **impl, **kwargs)
 
 
 @contextlib.contextmanager
@@ -156,12 +157,17 @@ class RankMeasurement(job.Measurement):
         self.first_step_peak_bytes: int | None = None
 
     def run(self) -> None:
-        import time
+        model, batch, optimizer = self.setup()
+        with follow_fsdp_buffers(self.tracker):
+            self.steps(model, batch, optimizer)
 
+    def setup(self) -> tuple[Any, Any, Any]:
+        """(wrapped model, this rank's batch, optimizer); on the CPU the tracker exists first, so the DDP
+        comm hook can file the gradient buckets."""
         import torch
 
         from lorabench.runtime.build import count_trainable, prepare_model
-        from lorabench.runtime.step import autocast_dtype_for, synthetic_batch, train_steps
+        from lorabench.runtime.step import synthetic_batch
 
         cuda = self.device == "cuda"
         device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
@@ -170,32 +176,18 @@ class RankMeasurement(job.Measurement):
         self.trainable_params = count_trainable(model)
         if not cuda:
             self.tracker = job.capped_tracker(self.cap_bytes)
+            self.tracker.keep_peak_storages = bool(os.environ.get(DEBUG_PEAK_ENV))
         wrapped = wrap_model(model, self.train.sharding, self.device, self.tracker)
         batch = synthetic_batch(self.spec.vocab_size, self.train.micro_batch_size, self.train.seq_len,
                                 device, seed + 1 + self.rank)
         optimizer = make_dist_optimizer(wrapped, self.train, float(self.payload["lr"]))
         if self.tracker is not None and hasattr(optimizer, "optim"):  # ZeroRedundancyOptimizer's local one
             self.tracker.track_optimizer(optimizer.optim)
-        if self.tracker is not None and os.environ.get(DEBUG_PEAK_ENV):
-            self.tracker.keep_peak_storages = True
-        autocast = autocast_dtype_for(self.train.precision)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        untimed = job.untimed_steps(int(self.config["warmup_steps"]), tracked=self.tracker is not None)
-        with follow_fsdp_buffers(self.tracker):
-            for i in range(untimed + int(self.config["timed_steps"])):
-                tracker = self.tracker if i < untimed else None
-                if i == 1:
-                    self._restart_peak(cuda)
-                t0 = time.perf_counter()
-                self.losses += train_steps(wrapped, batch, optimizer, 1, tracker=tracker, autocast_dtype=autocast)
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= untimed:
-                    self.step_times_s.append(time.perf_counter() - t0)
-                elif i == untimed - 1 and self.tracker is not None:
-                    self.tracker.close()
+        return wrapped, batch, optimizer
+
+    def before_step(self, index: int) -> None:
+        if index == 1:
+            self._restart_peak(self.device == "cuda")
 
     def _restart_peak(self, cuda: bool) -> None:
         """Measure from step 2 on: the steady state the planner predicts. Step 1 (FSDP's lazy init, no

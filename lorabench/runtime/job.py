@@ -154,13 +154,16 @@ class Measurement:
 
     def run(self) -> None:
         """Build, then warmup + timed steps (losses and per-step times)."""
+        self.steps(*self.setup())
+
+    def setup(self) -> tuple[Any, Any, Any]:
+        """(model, batch, optimizer) of this job, built on its device."""
         import torch
 
         from lorabench.runtime.build import count_trainable, prepare_model
-        from lorabench.runtime.step import autocast_dtype_for, make_optimizer, synthetic_batch, train_steps
+        from lorabench.runtime.step import make_optimizer, synthetic_batch
 
-        cuda = self.device == "cuda"
-        if cuda and self.cap_bytes is not None:
+        if self.device == "cuda" and self.cap_bytes is not None:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(self.cap_bytes / total, 1.0))
         seed = int(self.config["seed"])
@@ -170,14 +173,28 @@ class Measurement:
                                 self.device, seed)
         optimizer = make_optimizer(model.parameters(), self.train.optimizer, float(self.payload["lr"]),
                                    impl=self.train.adamw_impl)
+        return model, batch, optimizer
+
+    def before_step(self, index: int) -> None:
+        """Called before step ``index`` (0-based); a subclass may restart the peak there."""
+
+    def steps(self, model: Any, batch: Any, optimizer: Any) -> None:
+        """Warmup + timed steps; on the CPU the tracker (created here unless :meth:`setup` did) follows
+        the untimed ones."""
+        import torch
+
+        from lorabench.runtime.step import autocast_dtype_for, train_steps
+
+        cuda = self.device == "cuda"
         autocast = autocast_dtype_for(self.train.precision)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
+        elif self.tracker is None:
             self.tracker = capped_tracker(self.cap_bytes)
         untimed = untimed_steps(int(self.config["warmup_steps"]), tracked=self.tracker is not None)
         for i in range(untimed + int(self.config["timed_steps"])):
+            self.before_step(i)
             tracker = self.tracker if i < untimed else None
             t0 = time.perf_counter()
             self.losses += train_steps(model, batch, optimizer, 1, tracker=tracker, autocast_dtype=autocast)

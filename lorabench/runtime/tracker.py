@@ -167,39 +167,13 @@ class MemoryTracker(TorchDispatchMode):
         """Count ``tensor``'s storage (if new) and file it under ``category`` (retagging it if known)."""
         if category not in self._totals:
             raise ValueError(f"unknown category {category!r}; use one of {TRACE_CATEGORIES}")
-        tensor = local_tensor(tensor)
-        with self._lock:
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            entry = self._live.get(key)
-            if entry is None:
-                self._add(storage, key, category, op, tensor)
-                self._update_peak()
-            elif entry[1] != category:
-                self._retag(entry, category)
+        self._follow(tensor, category, op, resized=False)
 
     def resync(self, tensor: torch.Tensor, category: str | None = None) -> None:
         """Follow a storage resized in place outside the dispatcher (``untyped_storage().resize_()``, which
         FSDP2 uses to free and re-allocate its all-gather buffers), optionally retagging it; a storage not
         seen before is counted under ``category`` (default activations)."""
-        tensor = local_tensor(tensor)
-        with self._lock:
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            entry = self._live.get(key)
-            if entry is None:
-                self._add(storage, key, category or ACTIVATIONS, "resize", tensor)
-                self._update_peak()
-                return
-            if category is not None and entry[1] != category:
-                self._retag(entry, category)
-            delta = storage.nbytes() - entry[0]
-            if delta:
-                entry[0] += delta
-                self.current_bytes += delta
-                self._totals[entry[1]] += delta
-                if delta > 0:
-                    self._update_peak()
+        self._follow(tensor, category, "resize", resized=True)
 
     def track_model(self, model: torch.nn.Module) -> None:
         """Register every parameter and buffer of ``model``; hook trainable params to tag their grads.
@@ -350,14 +324,31 @@ class MemoryTracker(TorchDispatchMode):
         if entry is None:
             self._add(storage, key, ACTIVATIONS, func.overloadpacket.__name__, tensor)
             return True
-        nbytes = storage.nbytes()
-        if nbytes != entry[0]:
-            delta = nbytes - entry[0]
+        return self._resize(entry, storage.nbytes())
+
+    def _follow(self, tensor: torch.Tensor, category: str | None, op: str, resized: bool) -> None:
+        tensor = local_tensor(tensor)
+        with self._lock:
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            entry = self._live.get(key)
+            if entry is None:
+                self._add(storage, key, category or ACTIVATIONS, op, tensor)
+                self._update_peak()
+                return
+            if category is not None and entry[1] != category:
+                self._retag(entry, category)
+            if resized and self._resize(entry, storage.nbytes()):
+                self._update_peak()
+
+    def _resize(self, entry: list[Any], nbytes: int) -> bool:
+        """Update a known storage's size; True if it grew."""
+        delta = nbytes - entry[0]
+        if delta:
             entry[0] = nbytes
             self.current_bytes += delta
             self._totals[entry[1]] += delta
-            return delta > 0
-        return False
+        return delta > 0
 
     def _add(self, storage: torch.UntypedStorage, key: int, category: str, op: str, tensor: torch.Tensor) -> None:
         nbytes = storage.nbytes()
