@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lorabench.errors import UserError
+# Model FLOPs per token: one formula for plan's MFU and the runner's (re-exported for the runtime's callers).
+from lorabench.steptime.flops import matmul_params, training_flops_per_token  # noqa: F401
 from lorabench.specs import GpuSpec, ModelSpec
 
 #: Query the per-process table (slow: it walks every process on the device) once per this many samples.
@@ -216,39 +218,6 @@ def cuda_memory_summary(torch: Any) -> dict[str, int | None]:
     return summary
 
 
-def matmul_params(spec: ModelSpec) -> int:
-    """Parameters that take part in a matmul per token: all but the embedding lookup (the head counts once,
-    also when tied to the embedding matrix). Norm weights are counted too (negligible)."""
-    tied_head = spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0
-    return spec.total_params - spec.embedding_params + tied_head
-
-
-def training_flops_per_token(spec: ModelSpec, trains_base: bool, trainable_params: int, attended_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward), excluding recomputation.
-
-    Dense matmuls cost 2 FLOPs per parameter per token forward. Backward costs 2 more for the input gradient
-    and, for a trainable weight, 2 more for the weight gradient (Kaplan et al. 2020, arXiv:2001.08361,
-    Sec. 2.1: C = 6N per token). A frozen base weight still passes input gradients back, so with a parameter-
-    efficient method it costs 4, and the adapter weights cost the full 6:
-
-        base trains (full):  6 * N_matmul
-        PEFT:                4 * N_matmul + 6 * N_trainable
-
-    plus attention scores and values, 12 * L * n_heads * head_dim * T per token with T the number of attended
-    positions (seq_len + virtual tokens for prefix tuning), as in PaLM (Chowdhery et al. 2022, arXiv:2204.02311,
-    Appendix B: 6N + 12LHQT). Recomputation under gradient checkpointing is excluded, so this is MFU, not
-    hardware FLOPs utilisation (PaLM App. B); NF4 dequantization is not counted either.
-
-    Args:
-        spec: the model.
-        trains_base: whether the base weights train (full fine-tuning; the method's estimator says).
-        trainable_params: parameters with ``requires_grad`` in the built model.
-        attended_len: positions each query attends over (seq_len, + num_virtual_tokens for prefix).
-    """
-    n_matmul = matmul_params(spec)
-    dense = 6.0 * n_matmul if trains_base else 4.0 * n_matmul + 6.0 * trainable_params
-    attention = 12.0 * spec.num_layers * spec.num_heads * spec.head_dim * attended_len
-    return dense + attention
 
 
 def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) -> float:

@@ -92,10 +92,13 @@ def features(run: Run, device: GpuSpec) -> list[float]:
 
 #: Classes that share one fitted efficiency: few records cannot tell apart classes whose work scales alike,
 #: and a fit per class would chase noise. Communication keeps its default (single-device records).
+#: Four groups: FLOP-bound work (dense matmuls, attention, adapter matmuls), the NF4 dequantization, the
+#: activations' memory-bound ops (norms, activations, loss), and the optimizer's streaming of its states.
 GROUPS: tuple[tuple[str, ...], ...] = (
-    ("matmul_forward", "matmul_input_grad", "matmul_weight_grad"),
-    ("attention", "adapter"),
-    ("dequant", "elementwise", "loss", "optimizer"),
+    ("matmul_forward", "matmul_input_grad", "matmul_weight_grad", "attention", "adapter"),
+    ("dequant",),
+    ("elementwise", "loss"),
+    ("optimizer",),
 )
 
 

@@ -32,11 +32,11 @@ def _runs(cal: calibration.TimeCalibration) -> list[fit.Run]:
 def test_fit_recovers_a_known_calibration() -> None:
     defaults = calibration.load(None)
     truth = dict(defaults.efficiency)
-    for group, value in zip(fit.GROUPS, (0.4, 0.25, 0.15)):
+    for group, value in zip(fit.GROUPS, (0.4, 0.25, 0.15, 0.5)):
         truth.update({c: value for c in group})
     known = dataclasses.replace(defaults, efficiency=truth, kernel_overhead_s=20e-6, forward_op_overhead_s=30e-6)
     got = fit.fit(_runs(known), CPU, defaults)
-    for group, value in zip(fit.GROUPS, (0.4, 0.25, 0.15)):
+    for group, value in zip(fit.GROUPS, (0.4, 0.25, 0.15, 0.5)):
         assert got.efficiency[group[0]] == pytest.approx(value, rel=1e-4)
     assert got.kernel_overhead_s == pytest.approx(20e-6, rel=1e-4)
     assert got.forward_op_overhead_s == pytest.approx(30e-6, rel=1e-4)

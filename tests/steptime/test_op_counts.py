@@ -28,8 +28,7 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("method, ckpt", [("full", False), ("lora", True), ("qlora", False), ("ia3", True)])
 def test_op_count_within_25_percent(method: str, ckpt: bool) -> None:
     from lorabench.runtime.build import prepare_model
     from lorabench.runtime.step import make_optimizer, synthetic_batch, train_steps
