@@ -93,9 +93,18 @@ def main() -> None:
                        f"max {100 * s_fit['max']:.1f}%).\n\n![predicted vs measured](steptime.png)"),
                       ("Per method (held-out half)", rep.per_method(scored)),
                       ("Ratios from the sweep's medians (separate processes)", rep.sweep_ratios(runs, predicted))]
+    summary = {"configurations": len(runs), "records_ok": ok,
+                "score": {"n": s_score["n"], "median_pct": 100 * s_score["median"], "max_pct": 100 * s_score["max"]},
+                "fit": {"n": s_fit["n"], "median_pct": 100 * s_fit["median"], "max_pct": 100 * s_fit["max"]},
+                "load_average": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+                "per_method_median_pct": {row["method"]: float(row["median abs error"].rstrip("%"))
+                                          for row in rep.per_method(scored)}, "pairs": {}}
     ratios = args.sweep / "ratios.json"
     if ratios.is_file():
         doc = json.loads(ratios.read_text())
+        for row in doc["rows"]:
+            summary["pairs"][f"{row['size']} {row['ratio']}"] = {
+                "measured": row["measured_ratio"], "predicted": _pair_ratio(row, doc["settings"], device, cal)}
         sections.append(("Ratios measured side by side in one process (scripts/bench_cpu_ratios.py)",
                          f"Alternating steps A B A B, {doc['settings']['steps_per_round']} per round, "
                          f"{doc['settings']['rounds']} rounds, ratio of medians; load average "
@@ -107,6 +116,7 @@ def main() -> None:
         sections.append(("Warnings", "\n".join(f"- {w}" for w in warnings)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(rep.markdown(sections))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'README.md'}")
 
 
