@@ -105,8 +105,9 @@ class StepTimeTerms(Protocol):
         """(forward, backward) :class:`~lorabench.steptime.work.Work` of the method's own ops, all layers."""
         ...
 
-    def dequant_work(self, model: ModelSpec, cfg: Any, train: TrainSpec) -> Any:
-        """Work of one dequantization of every quantized weight (zero Work for unquantized methods)."""
+    def dequant_work(self, model: ModelSpec, cfg: Any, train: TrainSpec, device_kind: str = "gpu") -> Any:
+        """Work of one dequantization of every quantized weight (zero Work for unquantized methods);
+        ``device_kind`` (``gpu``/``cpu``) picks the kernel an ``auto`` setting resolves to."""
         ...
 
     def trainable_tensors(self, model: ModelSpec, cfg: Any) -> int:

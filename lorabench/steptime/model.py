@@ -109,7 +109,7 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
     elem_f, elem_b = terms.layer_elementwise(model, train)
     loss_f, loss_b = terms.head_and_loss(model, train, base)
     ad_f, ad_b = hooks.adapter_work(model, method, train)
-    deq = hooks.dequant_work(model, method, train)
+    deq = hooks.dequant_work(model, method, train, device_kind=device.kind)
     a_peak = device.peak_flops_per_s(t_dtype)
     micro = [
         Piece("matmul_forward", terms.dense_forward(model, train), peak, bw, forward=True),

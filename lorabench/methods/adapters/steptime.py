@@ -25,7 +25,7 @@ def adapter_work(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec) -> tup
     return fwd, Work(2 * fwd.flops, 2 * fwd.bytes, 24 * n)
 
 
-def dequant_work(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec) -> Work:
+def dequant_work(model: ModelSpec, cfg: AdaptersConfig, train: TrainSpec, device_kind: str = "gpu") -> Work:
     return Work()
 
 

@@ -12,7 +12,7 @@ def adapter_work(model: ModelSpec, cfg: FullConfig, train: TrainSpec) -> tuple[W
     return Work(), Work()
 
 
-def dequant_work(model: ModelSpec, cfg: FullConfig, train: TrainSpec) -> Work:
+def dequant_work(model: ModelSpec, cfg: FullConfig, train: TrainSpec, device_kind: str = "gpu") -> Work:
     return Work()
 
 

@@ -23,7 +23,7 @@ def adapter_work(model: ModelSpec, cfg: IA3Config, train: TrainSpec) -> tuple[Wo
     return Work(elems, 2 * e * elems, 3 * n), Work(2 * elems, 5 * e * elems, 5 * n)
 
 
-def dequant_work(model: ModelSpec, cfg: IA3Config, train: TrainSpec) -> Work:
+def dequant_work(model: ModelSpec, cfg: IA3Config, train: TrainSpec, device_kind: str = "gpu") -> Work:
     return Work()
 
 

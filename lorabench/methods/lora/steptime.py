@@ -41,7 +41,7 @@ def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[W
     return fwd, Work(2 * fwd.flops, 2 * fwd.bytes, BACKWARD_OPS * n)
 
 
-def dequant_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> Work:
+def dequant_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec, device_kind: str = "gpu") -> Work:
     """No quantized weights."""
     return Work()
 

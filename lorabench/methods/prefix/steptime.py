@@ -30,7 +30,7 @@ def adapter_work(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> tuple
     return fwd, Work(2 * fwd.flops, fwd.bytes, 5 * model.num_layers)
 
 
-def dequant_work(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec) -> Work:
+def dequant_work(model: ModelSpec, cfg: PrefixConfig, train: TrainSpec, device_kind: str = "gpu") -> Work:
     return Work()
 
 

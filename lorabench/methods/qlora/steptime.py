@@ -5,9 +5,11 @@ input gradient (bitsandbytes MatMul4Bit and lorabench's Linear4bit keep only the
 when gradient checkpointing recomputes the layer (Dettmers et al. 2023, QLoRA, arXiv:2305.14314, Sec. 3).
 Bytes per element of one dequantization:
 
-* bitsandbytes' CUDA kernel reads 0.5 B of codes and 1/64 B of double-quantized absmax, writes e B:
-  0.5 + 1/64 + e (plus the small absmax dequantization), 2 kernels per weight;
-* lorabench's torch implementation (lorabench/quant/nf4.py ``dequantize_nf4``) widens the packed bytes to
+* bitsandbytes' CUDA kernel, and lorabench's Triton kernel (``dequant=triton``, what ``auto`` picks on a GPU),
+  read 0.5 B of codes and 1/64 B of double-quantized absmax and write e B: 0.5 + 1/64 + e (plus the small
+  absmax dequantization), 2 kernels per weight;
+* lorabench's torch implementation (``dequant=torch``, what ``auto`` picks on the CPU;
+  lorabench/quant/nf4.py ``dequantize_nf4``) widens the packed bytes to
   int32 (0.5 read + 2 written per element), gathers fp32 code pairs (2 read + 4 written) and scales them into
   the output (4 read + e written): 12.5 + e; ~23 aten ops per weight (absmax dequantization, views, the
   chunk loop), 3 more per extra chunk of 4M elements.
@@ -26,13 +28,21 @@ __all__ = ["adapter_work", "dequant_work", "trainable_tensors"]
 _CHUNK = 1 << 22
 
 
-def dequant_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> Work:
+def fused_kernel(cfg: QLoraConfig, device_kind: str) -> bool:
+    """Whether one kernel dequantizes (bitsandbytes, or lorabench's Triton path), else the torch ops."""
+    if cfg.backend == "bitsandbytes":
+        return True
+    return cfg.dequant == "triton" or (cfg.dequant == "auto" and device_kind == "gpu")
+
+
+def dequant_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec, device_kind: str = "gpu") -> Work:
     """One dequantization of every quantized weight of all layers (the caller multiplies by the passes)."""
     e = DTYPE_BYTES[train.compute_dtype]
-    per_elem = (0.5 + 1 / 64 + e) if cfg.backend == "bitsandbytes" else (12.5 + e)
+    fused = fused_kernel(cfg, device_kind)
+    per_elem = (0.5 + 1 / 64 + e) if fused else (12.5 + e)
     out = Work()
     for m in model.quantized_matrices():
         n = m.in_features * m.out_features * m.copies
-        kernels = 2 if cfg.backend == "bitsandbytes" else 20 + 3 * -(-n // _CHUNK)
+        kernels = 2 if fused else 20 + 3 * -(-n // _CHUNK)
         out = out + Work(0.0, n * per_elem, kernels)
     return out * model.num_layers
