@@ -77,7 +77,8 @@ def main() -> None:
     env = records[0]["env"]
     intro = (f"{ok} ok records of {len(records)} ({len(runs)} configurations, "
              f"{statistics.median([r.repeats for r in runs]):.0f} repeats each) on {env['device_name']}, "
-             f"1 thread, torch {env['torch']}, transformers {env['transformers']}, commit(s) {', '.join(commits)}. "
+             f"1 thread, torch {env['torch']}, transformers {env['transformers']}, commit(s) {', '.join(commits)} "
+             "(kept reachable by the tags `runs/cpu-time-*`). "
              f"CPU timings on a SHARED machine (other jobs ran on its 2 cores): 1-minute load average "
              f"{min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f}) across the runs. "
              "These are CPU figures, never GPU ones.\n\n"
