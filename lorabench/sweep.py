@@ -9,8 +9,10 @@ Per job, this (parent) process:
 1. composes the specs from the Hydra config and computes the record's ``config`` block and its ``run_id``;
 2. skips the job when ``results/<sweep_name>/records.jsonl`` already holds that run_id as completed (resume);
 3. predicts memory with the torch-free planner (so even a crash or a timeout has its prediction beside it);
-4. runs the measurement in a FRESH subprocess (``python -m lorabench.runtime.job``, see
-   :mod:`lorabench.runtime.launch`), killed after ``job_timeout_s``;
+4. runs the measurement in its own process, killed after ``job_timeout_s``: by default a child forked from
+   this process's job server (:mod:`lorabench.runtime.jobserver`: torch and transformers imported once, CUDA
+   never initialised here), with ``job_launcher=subprocess`` a fresh ``python -m lorabench.runtime.job``
+   (:mod:`lorabench.runtime.launch`) for launchers that need one, torchrun for ``num_gpus`` > 1;
 5. appends exactly one record (only this process writes records, so a SIGKILL never leaves half a record)
    and prints one progress line.
 
@@ -19,7 +21,6 @@ A job never raises into Hydra: every failure becomes a record, so the sweep goes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -35,108 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorabench import records
 from lorabench.errors import UserError
+from lorabench.jobs import (RUNNER_TRAIN_KEYS, JobSpecs, PreparedJob, build_specs, job_payload,  # noqa: F401
+                            predicted_block, prepare_job, raw_config, record_config, runnable)
 from lorabench.runtime.launch import JobOutcome, run_job_subprocess
-from lorabench.runtime.probe import detect_gpu, resolve_device
+from lorabench.runtime.probe import resolve_device
 
 SCHEMA = 1
-#: Keys of the ``train`` config node that are runner settings, not TrainSpec fields.
-RUNNER_TRAIN_KEYS: tuple[str, ...] = ("warmup_steps", "timed_steps", "lr")
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpecs:
-    """The typed specs of one job, composed from its Hydra config."""
-
-    model: Any  # ModelSpec
-    method: Any  # MethodConfig
-    train: Any  # TrainSpec
-    gpu: Any  # GpuSpec | None
-    hf_overrides: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------- composition
-def build_specs(cfg: DictConfig) -> JobSpecs:
-    """ModelSpec (honouring ``model.hf_config.*`` overrides), MethodConfig, TrainSpec and GpuSpec of a job.
-
-    Raises:
-        UserError: unknown model/GPU/optimizer, a knob the method lacks, an invalid value.
-    """
-    from lorabench.architectures import spec_from_hf_config
-    from lorabench.catalog import load_gpu, load_model
-    from lorabench.methods import make_config
-    from lorabench.specs import resolve_optimizer
-    from lorabench.validation import train_from_fields
-
-    name = str(cfg.model.name)
-    catalog_spec = load_model(name)
-    hf_config = OmegaConf.to_container(cfg.model.hf_config, resolve=True)
-    overrides = {k: v for k, v in hf_config.items() if catalog_spec.hf_config.get(k, object()) != v}
-    model = (spec_from_hf_config(hf_config, name=name, display=catalog_spec.display) if overrides else catalog_spec)
-    knobs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    method = make_config(str(cfg.method.name), knobs)
-    train_fields = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
-                    if k not in RUNNER_TRAIN_KEYS}
-    optimizer, implied = resolve_optimizer(str(cfg.optimizer.name))  # an HF optim alias implies its impl
-    if train_fields.get("adamw_impl") is None:
-        train_fields["adamw_impl"] = implied or "foreach"
-    train = train_from_fields(train_fields, optimizer=optimizer)
-    gpu = load_gpu(str(cfg.gpu.name)) if cfg.get("gpu") else None
-    return JobSpecs(model=model, method=method, train=train, gpu=gpu, hf_overrides=overrides)
-
-
-def record_config(cfg: DictConfig, specs: JobSpecs, device: str) -> dict[str, Any]:
-    """The record's ``config`` block: everything that defines the run (and hence its run_id).
-
-    ``model_hf_config_overrides`` appears only when ``model.hf_config.*`` was overridden on the command line,
-    so that such runs get their own run_id.
-    """
-    config: dict[str, Any] = {
-        "model": specs.model.name,
-        "method": specs.method.to_dict(),
-        "train": specs.train.to_record(),
-        "device": device,
-        "gpu": specs.gpu.name if specs.gpu else None,
-        "memory_cap_bytes": None if cfg.memory_cap_bytes is None else int(cfg.memory_cap_bytes),
-        "warmup_steps": int(cfg.train.warmup_steps),
-        "timed_steps": int(cfg.train.timed_steps),
-        "seed": int(cfg.seed),
-    }
-    if specs.hf_overrides:
-        config["model_hf_config_overrides"] = specs.hf_overrides
-    return config
-
-
-def raw_config(cfg: DictConfig, device: str) -> dict[str, Any]:
-    """A best-effort ``config`` block for a job whose specs could not even be built (recorded as failed)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    method = {k: v for k, v in container["method"].items() if k != "name"}
-    train = {k: v for k, v in container["train"].items() if k not in RUNNER_TRAIN_KEYS}
-    train["optimizer"] = container["optimizer"]["name"]
-    return {"model": container["model"]["name"], "method": {"method": container["method"]["name"], **method},
-            "train": train, "device": device, "gpu": (container.get("gpu") or {}).get("name"),
-            "memory_cap_bytes": container.get("memory_cap_bytes"),
-            "warmup_steps": container["train"]["warmup_steps"], "timed_steps": container["train"]["timed_steps"],
-            "seed": container["seed"]}
-
-
-def predicted_block(specs: JobSpecs, device: str, cap_bytes: int | None) -> dict[str, Any]:
-    """``planner.predict`` for exactly this config, plus ``fits``: against the memory cap when one is set
-    (CPU: tensor bytes; GPU: reserved bytes, which is what ``set_per_process_memory_fraction`` limits),
-    else against the config's GPU, else None."""
-    from lorabench.memory import planner
-
-    prediction = planner.predict(specs.model, specs.method, specs.train, specs.gpu)
-    block = dict(prediction.to_dict())
-    if cap_bytes is not None:
-        level = prediction.peak_allocated_bytes if device == "cpu" else prediction.reserved_bytes
-        block["fits"] = bool(level <= cap_bytes)
-    elif specs.gpu is not None:
-        block["fits"] = bool(planner.fits(prediction, specs.gpu).fits)
-    else:
-        block["fits"] = None
-    return block
-
-
 # ---------------------------------------------------------------------------------------------- sweep helpers
 def _node_value(cfg: DictConfig, key: str) -> Any:
     """Value of a dotted key; the config groups model/method/optimizer/gpu compare by their ``name``."""
@@ -221,13 +126,6 @@ def progress_line(k: int, n: int | None, record: dict[str, Any], wall_s: float) 
 
 
 # ---------------------------------------------------------------------------------------------- one job
-def job_payload(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> dict[str, Any]:
-    """What the job subprocess needs (:mod:`lorabench.runtime.job`): the config block plus runner settings."""
-    return {"config": config, "hf_config": dict(specs.model.hf_config), "lr": float(cfg.train.lr),
-            "trace": bool(cfg.trace), "num_threads": cfg.num_threads, "sampler_hz": float(cfg.sampler_hz),
-            "gpu": dataclasses.asdict(specs.gpu) if specs.gpu else None}
-
-
 def fallback_environment(device: str) -> dict[str, Any]:
     """``records.environment(device)`` computed in a short-lived subprocess, for a job that died before
     reporting its own: on a GPU machine it imports torch and queries CUDA, which must never happen in this
@@ -239,27 +137,6 @@ def fallback_environment(device: str) -> dict[str, Any]:
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
     except Exception as err:  # keep the record: env is informative, never worth losing a result for
         return {"device_name": "unknown", "error": f"{type(err).__name__}: {err}"}
-
-
-def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
-    """Why this config cannot be measured on ``device`` (None when it can): a world that does not fit
-    (``dist_launch.check_world``), or the method's own refusal (``MethodConfig.run_problem``: the
-    bitsandbytes CPU rows problem)."""
-    from lorabench.runtime.dist_launch import check_world
-
-    return (check_world(specs.train.num_gpus, specs.train.sharding, device)
-            or specs.method.run_problem(specs.model, device))
-
-
-def launch(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> JobOutcome:
-    """One subprocess for a single-device job, torchrun with ``num_gpus`` ranks otherwise."""
-    payload = job_payload(cfg, specs, config)
-    if specs.train.num_gpus > 1:
-        from lorabench.runtime.dist_launch import run_distributed_subprocess
-
-        return run_distributed_subprocess(payload, specs.train.num_gpus, timeout_s=float(cfg.job_timeout_s),
-                                          join_timeout_s=float(cfg.dist_timeout_s), log_dir=_job_dir())
-    return run_job_subprocess(payload, timeout_s=float(cfg.job_timeout_s), log_dir=_job_dir())
 
 
 def check_job(cfg: DictConfig) -> JobSpecs:
@@ -284,10 +161,21 @@ def refuse(err: UserError, where: str = "") -> None:
     raise SystemExit(2)
 
 
+def job_timing(measured: dict[str, Any] | None, wall_s: float) -> dict[str, float]:
+    """The job's wall time (fork/spawn to exit) and its overhead: wall - model build - steps - trace, i.e.
+    what launching, imports, the environment and writing results cost on top of the measurement itself."""
+    m = measured or {}
+    spent_s = sum(float(m.get(key) or 0.0) for key in ("build_s", "steps_s", "trace_s"))
+    return {"job_wall_s": wall_s, "job_overhead_s": wall_s - spent_s}
+
+
 def make_record(cfg: DictConfig, config: dict[str, Any], predicted: dict[str, Any] | None,
                 outcome: JobOutcome, errors: list[str]) -> dict[str, Any]:
     """Assemble the shared record (common brief's format) from the parent's and the job's parts."""
     error = "; ".join([e for e in errors + [outcome.error or ""] if e]) or None
+    measured = outcome.measured
+    if measured is not None:
+        measured = {**measured, **job_timing(measured, outcome.wall_s)}
     return {
         "schema": SCHEMA,
         "run_id": records.run_id(config),
@@ -296,11 +184,41 @@ def make_record(cfg: DictConfig, config: dict[str, Any], predicted: dict[str, An
         "config": config,
         "predicted": predicted,
         "traced": outcome.traced,
-        "measured": outcome.measured,
+        "measured": measured,
         "error": error,
         "env": outcome.env or fallback_environment(config["device"]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def launch_job(cfg: DictConfig, job: PreparedJob, log_dir: Path | None) -> JobOutcome:
+    """Measure a prepared job in its own process(es): torchrun with ``num_gpus`` ranks for a multi-GPU job,
+    else a child forked from this process's job server (``job_launcher=fork``, the default) or a fresh
+    interpreter (``job_launcher=subprocess``)."""
+    if job.specs is None or job.problem:
+        return JobOutcome(status="failed", error=job.problem)
+    payload = job_payload(cfg, job.specs, job.config)
+    timeout_s = float(cfg.job_timeout_s)
+    if job.specs.train.num_gpus > 1:
+        from lorabench.runtime.dist_launch import run_distributed_subprocess
+
+        return run_distributed_subprocess(payload, job.specs.train.num_gpus, timeout_s=timeout_s,
+                                          join_timeout_s=float(cfg.dist_timeout_s), log_dir=log_dir)
+    if str(cfg.get("job_launcher", "fork")) == "subprocess":
+        return run_job_subprocess(payload, timeout_s=timeout_s, log_dir=log_dir)
+    from lorabench.runtime import jobserver
+
+    server = jobserver.shared()
+    server.warm(f"{job.specs.model.name}/{job.specs.method.to_dict()}", job.specs.model, job.specs.method,
+                job.specs.train)
+    return server.run(payload, timeout_s=timeout_s, log_dir=log_dir)
+
+
+def finish_job(cfg: DictConfig, job: PreparedJob, outcome: JobOutcome, path: Path) -> dict[str, Any]:
+    """Append the job's one record to ``path`` (at once: a killed sweep keeps every finished job)."""
+    record = make_record(cfg, job.config, job.predicted, outcome, job.errors)
+    records.append_record(path, record)
+    return record
 
 
 def run_one(cfg: DictConfig) -> dict[str, Any] | None:
@@ -314,37 +232,17 @@ def run_one(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     path = results_path(cfg)
     try:  # an invalid config is refused before anything runs (a multirun was checked whole by runconfig)
-        specs: JobSpecs | None = check_job(cfg)
+        specs = check_job(cfg)
         device = resolve_device(str(cfg.device))
     except UserError as err:
         refuse(err)
-    errors: list[str] = []
-    try:
-        if specs.gpu is None and device == "cuda":
-            specs = dataclasses.replace(specs, gpu=detect_gpu())
-        config = record_config(cfg, specs, device)
-    except Exception as err:  # a bug composing the record: record the config as given, status failed
-        config = raw_config(cfg, device)
-        errors.append(f"config: {type(err).__name__}: {err}")
-        specs = None
-    rid = records.run_id(config)
-    if rid in records.completed_ids(path, statuses=tuple(cfg.get("resume_skip") or ("ok",))):
-        print(f"{position} skip (recorded) {rid} {config['model']} {config['method']['method']}", flush=True)
+    job = prepare_job(cfg, specs, device)
+    if job.run_id in records.completed_ids(path, statuses=tuple(cfg.get("resume_skip") or ("ok",))):
+        print(f"{position} skip (recorded) {job.run_id} {job.config['model']} {job.config['method']['method']}",
+              flush=True)
         _progress("job_skipped", cfg)
         return None
-    predicted = None
-    if specs is not None:
-        try:
-            predicted = predicted_block(specs, device, config["memory_cap_bytes"])
-        except Exception as err:  # the planner may not cover a combination; the run still tells the truth
-            errors.append(f"planner: {type(err).__name__}: {err}")
-    problem = runnable(specs, device) if specs is not None else None
-    if specs is None or problem:
-        outcome = JobOutcome(status="failed", error=problem)
-    else:
-        outcome = launch(cfg, specs, config)
-    record = make_record(cfg, config, predicted, outcome, errors)
-    records.append_record(path, record)
+    record = finish_job(cfg, job, launch_job(cfg, job, _job_dir()), path)
     print(progress_line(k, n, record, time.perf_counter() - t0), flush=True)
     _progress("job_finished", cfg, record["status"], time.perf_counter() - t0)
     return record

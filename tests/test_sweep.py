@@ -54,12 +54,13 @@ def test_two_job_multirun_writes_two_ok_records(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_failures_timeouts_and_the_cpu_cap_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    # job_timeout_s=2 kills a job while it is still importing transformers: timeout (twice).
+    # job_launcher=subprocess: job_timeout_s=2 kills a job while it is still importing transformers: timeout
+    # (twice). (The fork launcher's timeouts are tested in tests/runtime/test_jobserver.py.)
     # hidden_act=bogus is fine for the planner but transformers cannot build the model: failed.
     # memory_cap_bytes=400000 is below the tensor peak (and the 500 kB of fp32 weights): oom.
     cap = 400000
     stdout, recs = run_sweep(tmp_path, "job_timeout_s=2,120", "model.hf_config.hidden_act=bogus,silu",
-                             f"memory_cap_bytes={cap}")
+                             f"memory_cap_bytes={cap}", "job_launcher=subprocess")
     assert len(recs) == 4, stdout
     cases = {(r["config"]["model_hf_config_overrides"]["hidden_act"] if "model_hf_config_overrides" in r["config"]
               else "silu", r["status"]) for r in recs}
@@ -75,7 +76,7 @@ def test_failures_timeouts_and_the_cpu_cap_are_recorded_and_the_sweep_goes_on(tm
     assert "[4/4] oom" in stdout and "[1/4] timeout" in stdout
     # Default resume retries everything not ok; resume_skip can also keep deterministic outcomes.
     stdout, again = run_sweep(tmp_path, "job_timeout_s=2,120", "model.hf_config.hidden_act=bogus,silu",
-                              f"memory_cap_bytes={cap}", "resume_skip=[ok,oom,failed]")
+                              f"memory_cap_bytes={cap}", "resume_skip=[ok,oom,failed]", "job_launcher=subprocess")
     assert stdout.count("skip (recorded)") == 4 and again == recs, stdout
 
 
@@ -112,8 +113,10 @@ def test_resume_after_sigkill_records_every_job_exactly_once(tmp_path: Path) -> 
 
 
 def _is_job(process) -> bool:  # type: ignore[no-untyped-def]
+    """A job process under the sweep: a fresh ``lorabench.runtime.job`` or a fork of the sweep itself."""
     try:
-        return "lorabench.runtime.job" in " ".join(process.cmdline())
+        cmdline = " ".join(process.cmdline())
+        return "lorabench.runtime.job" in cmdline or "lorabench.sweep" in cmdline
     except Exception:  # it exited meanwhile
         return False
 

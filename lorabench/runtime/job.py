@@ -149,6 +149,8 @@ class Measurement:
         self.tracker: Any = None
         self.losses: list[float] = []
         self.step_times_s: list[float] = []
+        self.build_s = 0.0  # model build (prepare_model), batch and optimizer construction
+        self.steps_s = 0.0  # every step, untimed ones included
         self.trainable_params: int | None = None
         self.rss_before_model_bytes = peak_rss_bytes()
 
@@ -167,6 +169,7 @@ class Measurement:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(self.cap_bytes / total, 1.0))
         seed = int(self.config["seed"])
+        t_build = time.perf_counter()
         model = prepare_model(self.spec, self.method, self.train, device=self.device, seed=seed)
         self.trainable_params = count_trainable(model)
         batch = synthetic_batch(self.spec.vocab_size, self.train.micro_batch_size, self.train.seq_len,
@@ -189,6 +192,8 @@ class Measurement:
         autocast = autocast_dtype_for(self.train.precision)
         if cuda:
             torch.cuda.synchronize()
+        self.build_s = time.perf_counter() - t_build
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         elif self.tracker is None:
             self.tracker = capped_tracker(self.cap_bytes)
@@ -200,6 +205,7 @@ class Measurement:
             self.losses += train_steps(model, batch, optimizer, 1, tracker=tracker, autocast_dtype=autocast)
             if cuda:
                 torch.cuda.synchronize()
+            self.steps_s += time.perf_counter() - t0
             if i >= untimed:
                 self.step_times_s.append(time.perf_counter() - t0)
             elif i == untimed - 1 and self.tracker is not None:
@@ -235,6 +241,8 @@ class Measurement:
             "cuda_memory_stats": cuda_stats,
             "nvml": nvml.to_dict() if nvml else None,
             "flops_per_token": None,
+            "build_s": self.build_s,
+            "steps_s": self.steps_s,
         }
         gpu = self.payload.get("gpu")
         if stats["tokens_per_s"] and self.trainable_params is not None:
@@ -275,7 +283,7 @@ def run_payload(payload: dict[str, Any], env_path: Path | None = None) -> dict[s
             torch.set_num_threads(int(payload["num_threads"]))
         result["env"] = records.environment(device)
         if env_path is not None:
-            _write_json(env_path, result["env"])
+            write_json(env_path, result["env"])
         spec, method, train = specs_from_config(payload)
     except Exception as err:
         if sampler is not None:
@@ -283,9 +291,11 @@ def run_payload(payload: dict[str, Any], env_path: Path | None = None) -> dict[s
         result["error"] = _one_line(err)
         return result
     errors: list[str] = []
+    t_trace = time.perf_counter()
     if payload.get("trace"):
         result["traced"], trace_error = _trace(spec, method, train)
         errors += [trace_error] if trace_error else []
+    trace_s = time.perf_counter() - t_trace
     run = Measurement(payload, spec, method, train)
     try:
         run.run()
@@ -301,7 +311,7 @@ def run_payload(payload: dict[str, Any], env_path: Path | None = None) -> dict[s
             traceback.print_exc()
     nvml = sampler.stop() if sampler is not None else None
     try:
-        result["measured"] = run.measured(torch, nvml)
+        result["measured"] = {**run.measured(torch, nvml), "trace_s": trace_s}
     except Exception as err:
         errors.append(f"measure: {_one_line(err)}")
     if result["status"] == "ok" and result["measured"] and result["measured"]["nan_loss"]:
@@ -310,7 +320,7 @@ def run_payload(payload: dict[str, Any], env_path: Path | None = None) -> dict[s
     return result
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     """Write atomically: a temp file in the same folder, then rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_parent()
     out = Path(args.out)
     result = run_payload(load_payload(args.config_json), env_path=out.with_name(out.name + ".env"))
-    _write_json(out, result)
+    write_json(out, result)
     return 0
 
 

@@ -9,6 +9,7 @@ recorded ``failed`` with the last line of its log. The child also exits by itsel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 #: Statuses a job can end with (the record format's ``status``).
 STATUSES: tuple[str, ...] = ("ok", "oom", "failed", "timeout", "nan")
@@ -104,11 +105,19 @@ def run_job_subprocess(payload: dict[str, Any], timeout_s: float, log_dir: Path 
     Returns:
         The outcome; never raises for a misbehaving child (KeyboardInterrupt kills it and propagates).
     """
+    with job_workdir(log_dir) as (work, log_path):
+        return _spawn_and_wait(payload, timeout_s, work, log_path)
+
+
+@contextlib.contextmanager
+def job_workdir(log_dir: Path | None) -> Iterator[tuple[Path, Path]]:
+    """(work dir, log path) of one job: a fresh temp dir for the payload and result files, removed after;
+    the log goes to ``log_dir/job.log`` (kept), or into the temp dir when ``log_dir`` is None."""
     work = Path(tempfile.mkdtemp(prefix="lorabench-job-"))
     log_path = (Path(log_dir) if log_dir is not None else work) / "job.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _spawn_and_wait(payload, timeout_s, work, log_path)
+        yield work, log_path
     finally:
         for name in ("payload.json", "result.json", "result.json.env"):
             (work / name).unlink(missing_ok=True)
@@ -118,7 +127,6 @@ def run_job_subprocess(payload: dict[str, Any], timeout_s: float, log_dir: Path 
 
 def _spawn_and_wait(payload: dict[str, Any], timeout_s: float, work: Path, log_path: Path) -> JobOutcome:
     payload_path, result_path = work / "payload.json", work / "result.json"
-    env_path = work / "result.json.env"  # the child writes its environment here first (job.run_payload)
     payload_path.write_text(json.dumps(payload))
     cmd = [sys.executable, "-m", "lorabench.runtime.job", "--config-json", str(payload_path),
            "--out", str(result_path)]
@@ -130,13 +138,16 @@ def _spawn_and_wait(payload: dict[str, Any], timeout_s: float, work: Path, log_p
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            return JobOutcome(status="timeout", error=f"killed after job_timeout_s={timeout_s:g} s",
-                              env=_read_env(env_path), wall_s=time.perf_counter() - t0,
-                              returncode=proc.returncode)
+            return timeout_outcome(timeout_s, work, time.perf_counter() - t0, proc.returncode)
         except BaseException:
             _kill_group(proc)
             raise
-    wall_s = time.perf_counter() - t0
+    return outcome_from_files(work, log_path, returncode, time.perf_counter() - t0)
+
+
+def outcome_from_files(work: Path, log_path: Path, returncode: int, wall_s: float) -> JobOutcome:
+    """The outcome of a finished job from what it left in ``work`` (``result.json``, ``result.json.env``)."""
+    result_path, env_path = work / "result.json", work / "result.json.env"
     if result_path.is_file():
         return outcome_from_result(json.loads(result_path.read_text()), returncode, wall_s)
     if returncode < 0:
@@ -144,3 +155,9 @@ def _spawn_and_wait(payload: dict[str, Any], timeout_s: float, work: Path, log_p
     else:
         error = f"job exited with status {returncode}: {_last_line(log_path) or 'no output'}"
     return JobOutcome(status="failed", error=error, env=_read_env(env_path), wall_s=wall_s, returncode=returncode)
+
+
+def timeout_outcome(timeout_s: float, work: Path, wall_s: float, returncode: int | None) -> JobOutcome:
+    """A job killed at its time limit (its environment kept when it had written it)."""
+    return JobOutcome(status="timeout", error=f"killed after job_timeout_s={timeout_s:g} s",
+                      env=_read_env(work / "result.json.env"), wall_s=wall_s, returncode=returncode)
