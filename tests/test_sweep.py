@@ -170,16 +170,17 @@ def test_cpu_smoke_tracker_peak_within_5_percent_of_the_planner() -> None:
 def test_bitsandbytes_on_the_cpu_with_rows_its_kernels_get_wrong_is_refused_before_running() -> None:
     """tiny-llama's down_proj reads rows of 176 (not a multiple of blocksize 64): refused on the CPU whatever
     the CPU model (bitsandbytes 0.50.2 mis-dequantizes them on AVX512 CPUs only), accepted on cuda."""
+    from lorabench.errors import UserError
     from lorabench.quant.sizes import bnb_cpu_row_problem
-    from lorabench.sweep import build_specs, runnable
+    from lorabench.sweep import build_specs, check_job, runnable
 
     assert bnb_cpu_row_problem(192) is None and bnb_cpu_row_problem(128, 128) is None
     assert "rows of 176" in str(bnb_cpu_row_problem(176))
+    bnb_knobs = ["method=qlora", "method.backend=bitsandbytes"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        bnb = build_specs(compose("config", overrides=["method=qlora", "method.backend=bitsandbytes"]))
-        ours = build_specs(compose("config", overrides=["method=qlora"]))
-        wide = build_specs(compose("config", overrides=["method=qlora", "method.backend=bitsandbytes",
-                                                        "model.hf_config.intermediate_size=192"]))
-    problem = runnable(bnb, "cpu")
-    assert problem and "mlp.down_proj" in problem and "method.backend=lorabench" in problem
-    assert runnable(bnb, "cuda") is None and runnable(ours, "cpu") is None and runnable(wide, "cpu") is None
+        with pytest.raises(UserError, match="rows of 176 .*mlp.down_proj.*method.backend=lorabench"):
+            check_job(compose("config", overrides=["device=cpu", *bnb_knobs]))
+        check_job(compose("config", overrides=["device=cpu", *bnb_knobs, "model.hf_config.intermediate_size=192"]))
+        check_job(compose("config", overrides=["device=cpu", "method=qlora"]))
+        bnb = build_specs(compose("config", overrides=bnb_knobs))
+    assert "mlp.down_proj" in str(runnable(bnb, "cpu")) and runnable(bnb, "cuda") is None
