@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     job.watch_parent()  # torchrun gone (killed with the sweep): exit instead of waiting on a collective
     rank, result = run_rank(job.load_payload(args.config_json))
-    job._write_json(Path(args.out_dir) / f"rank{rank}.json", result)
+    job.write_json(Path(args.out_dir) / f"rank{rank}.json", result)
     return 0
 
 
