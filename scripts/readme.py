@@ -111,7 +111,8 @@ def run_command(command: str, timeout_s: float, root: Path = ROOT) -> tuple[str,
     """Run one command as a user would; return (stdout + stderr as printed, wall seconds).
 
     Fast blocks run in parallel threads; ``run_slow`` adds the CPU seconds of each (serial) command."""
-    env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200", TERM="dumb", NO_COLOR="1")
+    # Progress bars (tqdm, on stderr) are transient on a terminal and timing-dependent: not part of a transcript.
+    env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200", TERM="dumb", NO_COLOR="1", TQDM_DISABLE="1")
     start = time.perf_counter()
     proc = subprocess.run(argv_for(command), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout_s, check=False)
