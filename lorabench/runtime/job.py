@@ -176,6 +176,9 @@ class Measurement:
                                 self.device, seed)
         optimizer = make_optimizer(model.parameters(), self.train.optimizer, float(self.payload["lr"]),
                                    impl=self.train.adamw_impl)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.build_s = time.perf_counter() - t_build
         return model, batch, optimizer
 
     def before_step(self, index: int) -> None:
@@ -192,8 +195,6 @@ class Measurement:
         autocast = autocast_dtype_for(self.train.precision)
         if cuda:
             torch.cuda.synchronize()
-        self.build_s = time.perf_counter() - t_build
-        if cuda:
             torch.cuda.reset_peak_memory_stats()
         elif self.tracker is None:
             self.tracker = capped_tracker(self.cap_bytes)
