@@ -303,6 +303,8 @@ class OptimizerSpec:
         """
         if self.name.endswith("8bit"):
             return 1 + 4 / 256
+        if self.name == "paged_adamw":  # bitsandbytes' 32-bit optimizers keep fp32 states for any param dtype
+            return 4.0
         return None
 
     @property
@@ -353,6 +355,16 @@ class TrainSpec:
         master_weights: keep an fp32 copy of 16-bit trainable weights in the optimizer.
         adamw_impl: torch AdamW implementation, ``foreach`` (torch's CUDA default), ``fused`` or ``for-loop``:
             they differ in the optimizer step's temporaries (:mod:`lorabench.memory.optimizer_step`).
+        weights_dtype: the dtype the model is loaded in (``torch_dtype``: fp32, bf16, fp16); None: from
+            ``precision``.
+        autocast: ``none``, ``bf16`` or ``fp16``: the ``torch.autocast`` dtype of the forward (the HF Trainer's
+            ``bf16=True`` autocasts over whatever dtype the weights were loaded in); None: from ``precision``.
+            ``precision`` is the shorthand: fp32 = (fp32, none), bf16-mixed = (fp32, bf16), bf16 = (bf16, none).
+        prepare_kbit: PEFT's ``prepare_model_for_kbit_training``: every parameter that is not 4-bit is cast
+            to fp32, gradient checkpointing is on, and the input embeddings' output requires grad.
+        loader: how a quantized model is loaded: ``per-layer`` (each weight quantized as it is loaded:
+            transformers + bitsandbytes, lorabench's runtime) or ``16bit-first`` (the whole model in 16 bit,
+            then quantized). Sets the load phase's peak.
         allow_long_context: plan/run a ``seq_len`` above the model's ``max_position_embeddings`` (RoPE
             models only; learned positions never allow it).
     """
@@ -369,10 +381,16 @@ class TrainSpec:
     master_weights: bool = False
     allow_long_context: bool = False
     adamw_impl: str = "foreach"
+    weights_dtype: str | None = None
+    autocast: str | None = None
+    prepare_kbit: bool = False
+    loader: str = "per-layer"
 
     #: Fields added after record schema 1 was first written: left out of a record at their default, so that
     #: records (and run ids) of configs that do not use them stay what they were.
-    RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach"}
+    RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach",
+                                                 "weights_dtype": None, "autocast": None, "prepare_kbit": False,
+                                                 "loader": "per-layer"}
 
     def to_record(self) -> dict[str, Any]:
         """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""
@@ -399,11 +417,32 @@ class TrainSpec:
         return self.micro_batch_size * self.seq_len
 
     @property
+    def load_dtype(self) -> str:
+        """dtype the weights are loaded in: ``weights_dtype``, else the one ``precision`` implies."""
+        return self.weights_dtype or {"bf16": "bf16", "fp16": "fp16"}.get(self.precision, "fp32")
+
+    @property
     def param_dtype(self) -> str:
-        """Storage dtype of the model's weights."""
-        return {"bf16": "bf16", "fp16": "fp16"}.get(self.precision, "fp32")
+        """Storage dtype of the model's (non-quantized) weights while training: fp32 after prepare_kbit."""
+        return "fp32" if self.prepare_kbit else self.load_dtype
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        """The autocast dtype of the forward, None without autocast."""
+        if self.autocast is not None:
+            return None if self.autocast == "none" else self.autocast
+        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.precision)
 
     @property
     def compute_dtype(self) -> str:
         """dtype of matmul outputs/activations."""
-        return {"fp32": "fp32", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.precision, self.param_dtype)
+        return self.autocast_dtype or self.param_dtype
+
+    @property
+    def label(self) -> str:
+        """Short description of the precision set-up for headers: ``bf16-mixed`` or ``weights bf16 + autocast bf16``."""
+        if self.weights_dtype is None and self.autocast is None and not self.prepare_kbit:
+            return self.precision
+        parts = [f"weights {self.load_dtype}" + (" -> fp32 (prepare_kbit)" if self.prepare_kbit else "")]
+        parts.append(f"autocast {self.autocast_dtype or 'none'}")
+        return " + ".join(parts)

@@ -17,6 +17,9 @@ from lorabench.specs import PRECISIONS, ModelSpec, OptimizerSpec, TrainSpec
 SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")
 ATTENTIONS: tuple[str, ...] = ("sdpa", "eager")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+WEIGHT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+AUTOCASTS: tuple[str, ...] = ("none", "bf16", "fp16")
+LOADERS: tuple[str, ...] = ("per-layer", "16bit-first")
 
 
 def _accepts(annotation: str, value: Any) -> bool:
@@ -86,6 +89,14 @@ def validate_train(train: TrainSpec) -> None:
     from lorabench.memory.optimizer_step import ADAMW_IMPLS
 
     _choice(train.adamw_impl, ADAMW_IMPLS, "adamw_impl")
+    if train.weights_dtype is not None:
+        _choice(train.weights_dtype, WEIGHT_DTYPES, "weights_dtype")
+    if train.autocast is not None:
+        _choice(train.autocast, AUTOCASTS, "autocast")
+    _choice(train.loader, LOADERS, "loader")
+    require(not train.prepare_kbit or train.gradient_checkpointing,
+            "prepare_kbit without gradient checkpointing is not what prepare_model_for_kbit_training does",
+            "add --checkpointing (train.gradient_checkpointing=true)")
     require(train.sharding == "none" or train.num_gpus > 1,
             f"sharding {train.sharding} with 1 GPU shards nothing",
             "pass --gpus 2 or more (train.num_gpus), or drop --sharding")

@@ -45,7 +45,7 @@ def test_params_by_kind_equal_transformers(name: str) -> None:
 
 def test_reference_totals() -> None:
     expected = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096,
-                "qwen2.5-7b": 7_615_616_512}
+                "qwen2.5-7b": 7_615_616_512, "llama-65b": 65_285_660_672}
     for name, total in expected.items():
         assert load_model(name).total_params == total
 

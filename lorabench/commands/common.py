@@ -70,6 +70,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
                    help="micro-batches per optimizer step (does not change peak memory)")
     g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
+    g.add_argument("--weights-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype the model is loaded in (torch_dtype); default: from --precision")
+    g.add_argument("--autocast", choices=("none", "bf16", "fp16"), default=None,
+                   help="torch.autocast dtype of the forward (HF Trainer bf16=True); default: from --precision")
+    g.add_argument("--prepare-kbit", action="store_true", default=None,
+                   help="PEFT prepare_model_for_kbit_training: non-4-bit params in fp32, checkpointing on, "
+                        "input embeddings' output requires grad")
+    g.add_argument("--loader", choices=("per-layer", "16bit-first"), default=None,
+                   help="quantized models: quantize each weight as it loads (default) or load 16-bit first")
     g.add_argument("--allow-long-context", action="store_true",
                    help="allow --seq-len above the model's max_position_embeddings (RoPE models)")
     h = parser.add_argument_group("hardware")
@@ -120,8 +129,14 @@ def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
 def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
     precision = args.precision or get_method(method).default_precision
     optimizer, impl = optimizer_from_args(args)
-    return TrainSpec(micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, precision=precision,
-                     gradient_checkpointing=bool(args.gradient_checkpointing),
+    prepare_kbit = bool(getattr(args, "prepare_kbit", None))
+    extra = {k: v for k, v in (("weights_dtype", getattr(args, "weights_dtype", None)),
+                               ("autocast", getattr(args, "autocast", None)),
+                               ("loader", getattr(args, "loader", None))) if v is not None}
+    return TrainSpec(**extra, prepare_kbit=prepare_kbit, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                     precision=precision,
+                     # prepare_model_for_kbit_training turns gradient checkpointing on
+                     gradient_checkpointing=bool(args.gradient_checkpointing) or prepare_kbit,
                      attention=args.attention or default_attention(model),
                      optimizer=optimizer, adamw_impl=impl, grad_accum_steps=args.grad_accum_steps,
                      num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         verdicts.append(row)
     head = (f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
             f"trainable {human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.3f}%) | "
-            f"b={train.micro_batch_size} s={train.seq_len} {train.precision}"
+            f"b={train.micro_batch_size} s={train.seq_len} {train.label}"
             f"{' ckpt' if train.gradient_checkpointing else ''} {train.optimizer.name}"
+            f"{f' ({train.adamw_impl})' if train.optimizer.name == 'adamw' and train.adamw_impl != 'foreach' else ''}"
             f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''} | peak in {pred.phase}")
     if args.format == "json":
         prediction = pred.to_dict()

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.format in ("table", "markdown"):
         print(f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
-              f"b={train.micro_batch_size} s={train.seq_len} {train.precision}"
+              f"b={train.micro_batch_size} s={train.seq_len} {train.label}"
               f"{' ckpt' if train.gradient_checkpointing else ''} {train.attention} {train.optimizer.name} | "
               f"traced peak in {result.phase}, predicted in {pred.phase} | trace {result.seconds:.1f} s")
     print(render(rows, args.format))

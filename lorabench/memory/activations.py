@@ -154,7 +154,7 @@ class LayerMemory:
 
 def layer_memory(ctx: LayerCtx, input_requires_grad: bool) -> LayerMemory:
     """Symbolic forward (and backward replay) of one decoder layer."""
-    g = Graph(autocast=ctx.train.compute_dtype if ctx.train.precision.endswith("-mixed") else None)
+    g = Graph(autocast=ctx.train.autocast_dtype)
     x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
     attn = _attention_block(g, _norm(g, x, ctx), ctx)
     attn = ctx.hooks.after_sublayer(g, attn, ctx, "attention")
@@ -200,7 +200,7 @@ def incoming_gradient_bytes(ctx: LayerCtx) -> int:
 
 def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
     """Final norm + lm_head: the norm's saved tensors, and the lm_head input when the head trains."""
-    g = Graph(autocast=ctx.train.compute_dtype if ctx.train.precision.endswith("-mixed") else None)
+    g = Graph(autocast=ctx.train.autocast_dtype)
     x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
     h = _norm(g, x, ctx)
     m = ctx.model

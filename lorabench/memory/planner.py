@@ -27,6 +27,7 @@ from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.memory import activations as act
 from lorabench.memory import sharding as sh
 from lorabench.memory.categories import PLANNER_COMPONENTS
+from lorabench.memory.load import load_components
 from lorabench.memory.optimizer_step import step_temporary_bytes, tied_embedding_transient_bytes
 from lorabench.methods import get as get_method
 from lorabench.methods.base import MethodConfig
@@ -115,7 +116,7 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     ``done_grad_div``: finished layers keep 1/N of their gradients (FSDP's reduce-scatter), else 1.
     """
     ctx = act.layer_ctx(model, method, train, hooks)
-    first = act.layer_memory(ctx, hooks.trains_base)  # trainable embeddings make every hidden state need grad
+    first = act.layer_memory(ctx, hooks.trains_base or train.prepare_kbit)  # trainable embeddings make every hidden state need grad
     rest = act.layer_memory(ctx, first.output_requires_grad) if model.num_layers > 1 else first
     head = act.head_saved_bytes(ctx, rest.output_requires_grad)
     logits_bwd = act.logits_peak_bytes(ctx)
@@ -240,6 +241,8 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
                                                        _head_grad_bytes(model, train, hooks))
         candidates["backward_reduce_bottom"] = moment("reduce", 0, 0, bottom_rs)
         candidates["backward_reduce_root"] = moment("end", 0, 0, root_rs)
+    if train.num_gpus == 1:  # each rank of a sharded run loads its own shard (not modelled)
+        candidates["load"] = load_components(model, method, train, hooks, weights, quantized, t_bytes)
     totals = {k: sum(v.values()) for k, v in candidates.items()}
     phase = max(totals, key=lambda k: totals[k])
     comps = {c: 0 for c in PLANNER_COMPONENTS}
@@ -249,7 +252,7 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     comps["allocator_slack"] = int(max(cal["allocator_slack_fraction"] * allocated, cal["allocator_slack_min_bytes"]))
     comps["cuda_context"] = int(cal["cuda_context_bytes"])
     spill = comps["optimizer"] if train.optimizer.paged else 0
-    return Prediction(components=comps, phase="optimizer" if phase == "optimizer" else "backward",
+    return Prediction(components=comps, phase=phase if phase in ("optimizer", "load") else "backward",
                       trainable_params=n_train, total_params=model.total_params,
                       host_bytes=spill, spillable_bytes=spill, phase_peaks=totals, state_bytes=base)
 

@@ -97,7 +97,7 @@ def prepare_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *
         model = build_model(spec, train, device=device, seed=seed)
     model = runtime.apply(model, spec, method_cfg, train)
     if train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, input_require_grads=train.prepare_kbit)
     return model
 
 
@@ -111,8 +111,12 @@ def hf_model(model: nn.Module) -> PreTrainedModel:
     raise TypeError(f"{type(model).__name__} holds no transformers model")
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, input_require_grads: bool = False) -> None:
     """Non-reentrant per-layer activation checkpointing (transformers' implementation).
+
+    ``input_require_grads`` keeps transformers' hook that makes the input embeddings' output require grad
+    (what PEFT's ``prepare_model_for_kbit_training`` installs, ``TrainSpec.prepare_kbit``); otherwise the hook
+    is removed when the embedding is frozen.
 
     Recent transformers (5.23 here) renamed ``gradient_checkpointing_enable`` to
     ``activation_checkpointing_enable`` (the old name warns a FutureWarning); older ones only have the old name.
@@ -124,7 +128,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     else:  # older transformers
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     embedding = hf.get_input_embeddings()
-    if not any(p.requires_grad for p in embedding.parameters()):
+    if input_require_grads:
+        hf.enable_input_require_grads()
+    elif not any(p.requires_grad for p in embedding.parameters()):
         hf.disable_input_require_grads()
 
 

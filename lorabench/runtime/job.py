@@ -192,7 +192,7 @@ class Measurement:
         from lorabench.runtime.step import autocast_dtype_for, train_steps
 
         cuda = self.device == "cuda"
-        autocast = autocast_dtype_for(self.train.precision)
+        autocast = autocast_dtype_for(self.train)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

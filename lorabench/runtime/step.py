@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lorabench.errors import UserError
 from lorabench.runtime.tracker import MemoryTracker
-from lorabench.specs import OptimizerSpec
+from lorabench.specs import OptimizerSpec, TrainSpec
 
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 """TrainSpec.precision -> autocast dtype (other precisions run without autocast)."""
@@ -33,9 +33,12 @@ BNB_OPTIMIZERS: dict[str, str] = {
 """lorabench optimizer name -> bitsandbytes.optim class name."""
 
 
-def autocast_dtype_for(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a ``TrainSpec.precision`` (None: no autocast)."""
-    return AUTOCAST_DTYPES.get(precision)
+def autocast_dtype_for(precision: "str | TrainSpec") -> torch.dtype | None:
+    """The autocast dtype of a TrainSpec (its ``autocast_dtype``) or of a ``precision`` name (None: no autocast)."""
+    if isinstance(precision, str):
+        return AUTOCAST_DTYPES.get(precision)
+    name = precision.autocast_dtype
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name] if name else None
 
 
 def synthetic_batch(vocab_size: int, micro_batch_size: int, seq_len: int, device: str | torch.device = "cpu",

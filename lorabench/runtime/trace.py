@@ -170,8 +170,9 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
                 stack.enter_context(fake_mode)
                 stack.enter_context(_unpacked_batches_under_fake())
                 stack.enter_context(_nf4_for_tracing())
+                stack.enter_context(_cuda_dropout())
             train_steps(model, batch, optimizer, steps, tracker=tracker,
-                        autocast_dtype=autocast_dtype_for(train.precision), warm_start=warm_start)
+                        autocast_dtype=autocast_dtype_for(train), warm_start=warm_start)
     except UserError:
         raise
     except Exception as err:  # an op without a fake kernel, a data-dependent branch, ...
@@ -280,6 +281,29 @@ def _dequant_as_on_cuda() -> contextlib.AbstractContextManager[None]:
     """
     linear4bit = sys.modules.get("lorabench.quant.linear4bit")  # imported by the qlora runtime
     return contextlib.nullcontext() if linear4bit is None else linear4bit.dequant_as_on_cuda()
+
+
+@contextlib.contextmanager
+def _cuda_dropout() -> Iterator[None]:
+    """Dropout as CUDA runs it: ``torch.native_dropout``, whose backward keeps a bool mask.
+
+    On the CPU, ``F.dropout`` of a tensor that requires grad draws a mask in the input's dtype
+    (``empty_like(input).bernoulli_``) and multiplies, so autograd keeps a 4-byte mask per fp32 element; the
+    CUDA kernel (``native_dropout``, used whenever the input is on CUDA) keeps a 1-byte bool mask. The trace
+    reproduces a CUDA run, as with ``foreach`` AdamW.
+    """
+    original = torch.nn.functional.dropout
+
+    def native(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0:
+            return input
+        return torch.native_dropout(input, p, True)[0]
+
+    torch.nn.functional.dropout = native
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = original
 
 
 @contextlib.contextmanager

@@ -131,7 +131,7 @@ def layer_elementwise(model: ModelSpec, train: TrainSpec) -> tuple[Work, Work]:
     per_token = (norms * norm_b * h + (9 * e * (nh + nkv) * d if rope else 0) + 2 * 3 * e * h
                  + (5 * e if gated else 16 * e) * inter * (model.experts_per_token or 1) + 2 * e * nh * d)
     kernels = norms * norm_k + (14 if rope else 0) + 2 + (2 if gated else 8) + 7
-    cast = 6.0 * layer_matmul_params(model) if train.precision.endswith("-mixed") else 0.0
+    cast = 6.0 * layer_matmul_params(model) if train.autocast_dtype and train.param_dtype == "fp32" else 0.0
     fwd = Work(0.0, model.num_layers * (t * per_token + cast),
                model.num_layers * (kernels + (len(model.matrices) if cast else 0)))
     bwd = Work(0.0, model.num_layers * 2 * t * per_token, model.num_layers * 1.8 * kernels)
