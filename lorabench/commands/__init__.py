@@ -1,3 +1,3 @@
 """CLI subcommands: one module each, exposing ``register(subparsers)``; heavy imports happen inside ``run``."""
 
-COMMANDS: tuple[str, ...] = ("plan", "compare", "advise", "trace", "models", "gpus", "run", "report")
+COMMANDS: tuple[str, ...] = ("plan", "compare", "advise", "trace", "models", "gpus", "recipes", "run", "report")

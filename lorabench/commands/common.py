@@ -7,7 +7,8 @@ from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
 from lorabench.errors import UserError
-from lorabench.methods import METHOD_NAMES, MethodConfig, get as get_method, make_config
+from lorabench.methods import METHOD_NAMES, MethodConfig, get as get_method, knob_names, make_config
+from lorabench.recipes import Recipe, load_recipe
 from lorabench.memory.optimizer_step import ADAMW_IMPLS
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, resolve_optimizer
 from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
@@ -58,11 +59,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: bf16-mixed for full (fp32 master params), bf16 for the others")
+    g.add_argument("--recipe", default=None, metavar="NAME",
+                   help="a stack's defaults (conf/recipe/NAME.yaml; `lorabench recipes` lists them); explicit flags win")
     g.add_argument("--checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   help="recompute each layer in backward")
+                   default=None, help="recompute each layer in backward")
     g.add_argument("--attention", choices=("sdpa", "eager"), default=None,
                    help="default sdpa (eager for Gemma-2, which transformers runs without sdpa)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", metavar="OPTIMIZER",
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, metavar="OPTIMIZER",
                    help=f"one of {', '.join(OPTIMIZER_NAMES)}, or an HF Trainer optim string "
                         f"({', '.join(OPTIMIZER_ALIASES)}); default adamw")
     g.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=None,
@@ -100,8 +103,8 @@ def add_method_knobs(parser: argparse.ArgumentParser) -> None:
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     """--model, --method, every method knob, training and hardware flags."""
     add_model_arg(parser)
-    parser.add_argument("--method", required=True, choices=METHOD_NAMES, metavar="METHOD",
-                        help=f"one of {', '.join(METHOD_NAMES)}")
+    parser.add_argument("--method", default=None, choices=METHOD_NAMES, metavar="METHOD",
+                        help=f"one of {', '.join(METHOD_NAMES)} (required unless --recipe selects one)")
     add_method_knobs(parser)
     add_train_args(parser)
 
@@ -118,25 +121,54 @@ def default_attention(model: ModelSpec | None) -> str:
 
 def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
     """(optimizer, AdamW implementation): an HF alias implies its implementation unless --adamw-impl says."""
-    name, implied = resolve_optimizer(args.optimizer)
+    name, implied = resolve_optimizer(_recipe_value(args, "optimizer") or "adamw")
     explicit = getattr(args, "adamw_impl", None)
     if explicit and implied and explicit != implied:
-        raise UserError(f"--optimizer {args.optimizer} means --adamw-impl {implied}, not {explicit}",
+        raise UserError(f"--optimizer {_recipe_value(args, 'optimizer')} means --adamw-impl {implied}, not {explicit}",
                         f"drop --adamw-impl or pass --optimizer {name}")
     return OptimizerSpec(name), explicit or implied or "foreach"
 
 
+def recipe_of(args: argparse.Namespace) -> Recipe | None:
+    """The ``--recipe`` of the command line, None without one (UserError for an unknown name)."""
+    name = getattr(args, "recipe", None)
+    return load_recipe(name) if name else None
+
+
+def _recipe_value(args: argparse.Namespace, dest: str, train_key: str | None = None) -> Any:
+    """An explicit flag's value, else the recipe's (``train_key`` in its ``train`` block, or its method/optimizer)."""
+    value = getattr(args, dest, None)
+    recipe = recipe_of(args)
+    if value is not None or recipe is None:
+        return value
+    if train_key is None:
+        return getattr(recipe, dest)
+    return recipe.train.get(train_key)
+
+
+def method_from_args(args: argparse.Namespace) -> str:
+    """--method, else the recipe's method."""
+    method = _recipe_value(args, "method")
+    if method is None:
+        raise UserError("no method given", "pass --method (one of " + ", ".join(METHOD_NAMES) + ") or a --recipe that "
+                        "selects one (`lorabench recipes`)")
+    return str(method)
+
+
 def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
-    precision = args.precision or get_method(method).default_precision
+    precision = _recipe_value(args, "precision", "precision") or get_method(method).default_precision
     optimizer, impl = optimizer_from_args(args)
-    prepare_kbit = bool(getattr(args, "prepare_kbit", None))
-    extra = {k: v for k, v in (("weights_dtype", getattr(args, "weights_dtype", None)),
-                               ("autocast", getattr(args, "autocast", None)),
-                               ("loader", getattr(args, "loader", None))) if v is not None}
+    recipe = recipe_of(args)
+    if getattr(args, "adamw_impl", None) is None and recipe is not None and "adamw_impl" in recipe.train:
+        impl = recipe.train["adamw_impl"]
+    prepare_kbit = bool(_recipe_value(args, "prepare_kbit", "prepare_kbit"))
+    extra = {k: v for k, v in ((k, _recipe_value(args, k, k)) for k in ("weights_dtype", "autocast", "loader"))
+             if v is not None}
+    checkpointing = _recipe_value(args, "gradient_checkpointing", "gradient_checkpointing")
     return TrainSpec(**extra, prepare_kbit=prepare_kbit, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                      precision=precision,
                      # prepare_model_for_kbit_training turns gradient checkpointing on
-                     gradient_checkpointing=bool(args.gradient_checkpointing) or prepare_kbit,
+                     gradient_checkpointing=bool(checkpointing) or prepare_kbit,
                      attention=args.attention or default_attention(model),
                      optimizer=optimizer, adamw_impl=impl, grad_accum_steps=args.grad_accum_steps,
                      num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),
@@ -150,8 +182,16 @@ def gpu_from_args(args: argparse.Namespace) -> GpuSpec | None:
 def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, TrainSpec]:
     """Resolve the model, the method config (with knobs) and the training spec; UserError on bad input."""
     model = load_model(args.model)
-    method = make_config(args.method, method_knobs(args))
-    return model, method, train_from_args(args, args.method, model)
+    name = method_from_args(args)
+    method = make_config(name, knobs_with_recipe(args, name))
+    return model, method, train_from_args(args, name, model)
+
+
+def knobs_with_recipe(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The recipe's method knobs that ``method`` has, under the explicit knob flags."""
+    recipe = recipe_of(args)
+    base = {k: v for k, v in (recipe.method_knobs if recipe else {}).items() if k in knob_names(method)}
+    return {**base, **method_knobs(args)}
 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:

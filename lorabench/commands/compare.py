@@ -14,7 +14,7 @@ from typing import Any
 from lorabench.catalog import load_gpu, load_model
 from lorabench.commands import timing
 from lorabench.commands.common import (add_cost_args, add_format_arg, add_model_arg, add_train_args, budget_from_args,
-                                      train_from_args)
+                                      knobs_with_recipe, train_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.methods import METHOD_NAMES, make_config
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(model: Any, name: str, args: argparse.Namespace, gpu: Any, budget: Any, knobs: dict | None = None) -> dict:
-    method = make_config(name, knobs)
+    method = make_config(name, {**knobs_with_recipe(args, name), **(knobs or {})})
     train = train_from_args(args, name, model)
     pred = predict(model, method, train, gpu)
     step = timing.predict(model, method, train, gpu)
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         print(render(rows, "json", extra=extra))
         return 0
     title = (f"{model.display} ({human_count(model.total_params)} params), b={args.micro_batch_size} s={args.seq_len}"
-             f"{' ckpt' if args.gradient_checkpointing else ''}, {args.optimizer}, GiB per GPU, on {gpu.display}")
+             f"{' ckpt' if args.gradient_checkpointing else ''}, {args.optimizer or 'adamw'}"
+             f"{f', recipe {args.recipe}' if args.recipe else ''}, GiB per GPU, on {gpu.display}")
     print(render(rows, args.format, title=title if args.format in ("table", "markdown") else ""))
     if args.format in ("table", "markdown"):
         print()

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             f"b={train.micro_batch_size} s={train.seq_len} {train.label}"
             f"{' ckpt' if train.gradient_checkpointing else ''} {train.optimizer.name}"
             f"{f' ({train.adamw_impl})' if train.optimizer.name == 'adamw' and train.adamw_impl != 'foreach' else ''}"
-            f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''} | peak in {pred.phase}")
+            f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''}"
+            f"{f' | recipe {args.recipe}' if args.recipe else ''} | peak in {pred.phase}")
     if args.format == "json":
         prediction = pred.to_dict()
         if step is not None and gpu is not None:

@@ -79,3 +79,23 @@ def test_planner_exact_on_new_paths(model: str, method: str, knobs: dict, overri
     for cat in TRACE_CATEGORIES:
         got, ref = want[cat], traced.components[cat]
         assert abs(got - ref) <= max(0.05 * ref, 1 * MiB), f"{cat}: {got / MiB:.2f} vs {ref / MiB:.2f} MiB"
+
+
+# Recipes (conf/recipe): each stack's prediction, resolved as `plan --recipe` resolves it, against a trace of
+# the same set-up (lorabench's runtime; the PEFT + bitsandbytes modules themselves are not traced here).
+@pytest.mark.parametrize("recipe", ["hf-lora", "hf-qlora", "qlora-paper"])
+def test_recipe_within_3pct_of_trace(recipe: str) -> None:
+    from lorabench.cli import build_parser
+    from lorabench.commands.common import specs_from_args
+    from lorabench.runtime.trace import trace
+
+    args = build_parser().parse_args(["plan", "--model", "qwen2.5-0.5b", "--recipe", recipe, "--batch", "2",
+                                      "--seq-len", "128"])
+    spec, cfg, train = specs_from_args(args)
+    pred, traced = predict(spec, cfg, train), trace(spec, cfg, train)
+    err = (pred.peak_allocated_bytes - traced.peak_bytes) / traced.peak_bytes
+    assert abs(err) <= 0.03, f"peak {pred.peak_allocated_bytes / MiB:.1f} vs traced {traced.peak_bytes / MiB:.1f} MiB"
+    want = to_trace_categories(pred.components)
+    for cat in TRACE_CATEGORIES:
+        got, ref = want[cat], traced.components[cat]
+        assert abs(got - ref) <= max(0.05 * ref, 1 * MiB), f"{cat}: predicted {got / MiB:.2f} vs traced {ref / MiB:.2f} MiB"

@@ -1,0 +1,62 @@
+"""Recipes: named bundles of knobs for the stacks people run (conf/recipe/*.yaml; stdlib + yaml).
+
+A recipe is only defaults: explicit flags (``plan --r 8``) and Hydra overrides (``run method.r=8``) win.
+The same file serves both: Hydra composes it for ``lorabench run recipe=NAME`` (a ``_global_`` package that
+overrides the method and optimizer groups and sets ``method.*`` / ``train.*``), and :func:`load_recipe`
+reads it for ``plan``, ``compare`` and ``trace``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorabench.catalog import CONF_DIR, _load_yaml
+from lorabench.errors import UserError, suggest
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One conf/recipe/<name>.yaml.
+
+    Attributes:
+        name, description: what ``lorabench recipes`` lists.
+        method: the method it selects (None: the user's ``--method``).
+        optimizer: the optimizer (or HF ``optim`` alias) it selects, None: the default.
+        method_knobs: method-config fields it sets.
+        train: TrainSpec fields it sets.
+    """
+
+    name: str
+    description: str
+    method: str | None = None
+    optimizer: str | None = None
+    method_knobs: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def load_recipe(name: str) -> Recipe:
+    """Read conf/recipe/<name>.yaml.
+
+    Raises:
+        UserError: no such recipe (with close names).
+    """
+    if name not in recipe_names():
+        raise suggest(name, recipe_names(), "recipe")
+    doc = _load_yaml(CONF_DIR / "recipe" / f"{name}.yaml")
+    groups: dict[str, str] = {}
+    for entry in doc.get("defaults") or []:
+        for key, value in (entry.items() if isinstance(entry, dict) else []):
+            groups[str(key).removeprefix("override ").strip("/")] = str(value)
+    meta = doc.get("recipe") or {}
+    if meta.get("name") != name:
+        raise UserError(f"conf/recipe/{name}.yaml names itself {meta.get('name')!r}", "make recipe.name the file name")
+    return Recipe(name=name, description=str(meta.get("description", "")), method=groups.get("method"),
+                  optimizer=groups.get("optimizer"), method_knobs=dict(doc.get("method") or {}),
+                  train=dict(doc.get("train") or {}))
