@@ -48,6 +48,12 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     overrides = {k: v for k, v in hf_config.items() if catalog_spec.hf_config.get(k, object()) != v}
     model = (spec_from_hf_config(hf_config, name=name, display=catalog_spec.display) if overrides else catalog_spec)
     knobs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    if cfg.get("recipe"):  # a recipe is only defaults: its knobs that another chosen method lacks do not apply
+        from lorabench.methods import knob_names
+        from lorabench.recipes import load_recipe
+
+        extra = set(load_recipe(str(cfg.recipe.name)).method_knobs) - set(knob_names(str(cfg.method.name)))
+        knobs = {k: v for k, v in knobs.items() if k not in extra}
     method = make_config(str(cfg.method.name), knobs)
     train_fields = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                     if k not in RUNNER_TRAIN_KEYS}

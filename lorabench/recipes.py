@@ -26,6 +26,7 @@ class Recipe:
         optimizer: the optimizer (or HF ``optim`` alias) it selects, None: the default.
         method_knobs: method-config fields it sets.
         train: TrainSpec fields it sets.
+        stack: ``peft`` (PEFT + transformers + bitsandbytes: PEFT's own refusals apply) or ``lorabench``.
     """
 
     name: str
@@ -34,6 +35,7 @@ class Recipe:
     optimizer: str | None = None
     method_knobs: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    stack: str = "lorabench"
 
 
 def recipe_names() -> list[str]:
@@ -59,4 +61,18 @@ def load_recipe(name: str) -> Recipe:
         raise UserError(f"conf/recipe/{name}.yaml names itself {meta.get('name')!r}", "make recipe.name the file name")
     return Recipe(name=name, description=str(meta.get("description", "")), method=groups.get("method"),
                   optimizer=groups.get("optimizer"), method_knobs=dict(doc.get("method") or {}),
-                  train=dict(doc.get("train") or {}))
+                  train=dict(doc.get("train") or {}), stack=str(meta.get("stack", "lorabench")))
+
+
+def check_stack(stack: str, method: Any, train: Any, hooks: Any) -> None:
+    """What a stack refuses although the planner could plan it.
+
+    PEFT builds prefix tuning's past key/values as a Cache, which raises "... does not work with gradient
+    checkpointing" (peft 0.21 ``PeftModel._setup_prompt_encoder``); lorabench's own runtime runs it.
+
+    Raises:
+        UserError: prefix tuning with gradient checkpointing on the PEFT stack.
+    """
+    if stack == "peft" and train.gradient_checkpointing and hooks.prefix_tokens(method):
+        raise UserError("PEFT refuses prefix tuning with gradient checkpointing (its prefix cache does not work "
+                        "with it)", "drop --checkpointing, or plan lorabench's own runtime (--recipe lorabench)")

@@ -60,3 +60,19 @@ def test_recipes_command_lists_one_line_each(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     for name in recipe_names():
         assert sum(line.startswith(name + " ") for line in out.splitlines()) == 1
+
+
+def test_peft_stack_refuses_prefix_with_checkpointing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "7b", "--recipe", "hf-lora", "--method", "prefix", "--checkpointing"]) == 2
+    assert "PEFT refuses prefix tuning with gradient checkpointing" in capsys.readouterr().err
+    # lorabench's own runtime runs it (traced in tests/runtime/test_trace_accuracy.py), so it is planned.
+    assert main(["plan", "--model", "7b", "--recipe", "lorabench", "--method", "prefix", "--checkpointing",
+                 "--gpu", "h100"]) == 0
+    from lorabench.errors import UserError
+    from lorabench.sweep import check_job
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=["recipe=hf-lora", "method=prefix",
+                                                       "train.gradient_checkpointing=true", "device=cpu"])
+    with pytest.raises(UserError, match="PEFT refuses prefix tuning"):
+        check_job(cfg)

@@ -8,7 +8,7 @@ from typing import Any
 from lorabench.catalog import load_gpu, load_model
 from lorabench.errors import UserError
 from lorabench.methods import METHOD_NAMES, MethodConfig, get as get_method, knob_names, make_config
-from lorabench.recipes import Recipe, load_recipe
+from lorabench.recipes import Recipe, check_stack, load_recipe
 from lorabench.memory.optimizer_step import ADAMW_IMPLS
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, resolve_optimizer
 from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
@@ -184,7 +184,11 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, 
     model = load_model(args.model)
     name = method_from_args(args)
     method = make_config(name, knobs_with_recipe(args, name))
-    return model, method, train_from_args(args, name, model)
+    train = train_from_args(args, name, model)
+    recipe = recipe_of(args)
+    if recipe is not None:
+        check_stack(recipe.stack, method, train, get_method(name).estimator)
+    return model, method, train
 
 
 def knobs_with_recipe(args: argparse.Namespace, method: str) -> dict[str, Any]:
