@@ -367,6 +367,8 @@ class TrainSpec:
             then quantized). Sets the load phase's peak.
         allow_long_context: plan/run a ``seq_len`` above the model's ``max_position_embeddings`` (RoPE
             models only; learned positions never allow it).
+        loss: ``hf`` (transformers' full-sequence fp32 logits) or ``chunked`` (lm_head + cross-entropy over
+            token chunks, no full-sequence logits; :mod:`lorabench.memory.loss`).
     """
 
     micro_batch_size: int = 1
@@ -385,12 +387,13 @@ class TrainSpec:
     autocast: str | None = None
     prepare_kbit: bool = False
     loader: str = "per-layer"
+    loss: str = "hf"
 
     #: Fields added after record schema 1 was first written: left out of a record at their default, so that
     #: records (and run ids) of configs that do not use them stay what they were.
     RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach",
                                                  "weights_dtype": None, "autocast": None, "prepare_kbit": False,
-                                                 "loader": "per-layer"}
+                                                 "loader": "per-layer", "loss": "hf"}
 
     def to_record(self) -> dict[str, Any]:
         """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""

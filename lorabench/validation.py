@@ -97,6 +97,9 @@ def validate_train(train: TrainSpec) -> None:
     require(not train.prepare_kbit or train.gradient_checkpointing,
             "prepare_kbit without gradient checkpointing is not what prepare_model_for_kbit_training does",
             "add --checkpointing (train.gradient_checkpointing=true)")
+    from lorabench.memory.loss import LOSSES
+
+    _choice(train.loss, LOSSES, "loss")
     require(train.sharding == "none" or train.num_gpus > 1,
             f"sharding {train.sharding} with 1 GPU shards nothing",
             "pass --gpus 2 or more (train.num_gpus), or drop --sharding")

@@ -25,6 +25,7 @@ METHOD_KNOBS: tuple[tuple[str, str, Any, str], ...] = (
     ("--compute-dtype", "compute_dtype", str, "QLoRA dequantization dtype (bf16, fp16, fp32)"),
     ("--blocksize", "blocksize", int, "NF4 block size (default 64)"),
     ("--backend", "backend", str, "QLoRA 4-bit layer: lorabench or bitsandbytes"),
+    ("--dequant", "dequant", str, "QLoRA (lorabench backend) dequantization: auto, triton or torch"),
     ("--num-virtual-tokens", "num_virtual_tokens", int, "prefix length (default 20)"),
     ("--encoder-hidden-size", "encoder_hidden_size", int, "prefix projection width (default: token dim)"),
     ("--reduction-factor", "reduction_factor", int, "adapter bottleneck = hidden // factor (default 16)"),
@@ -70,6 +71,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         f"({', '.join(OPTIMIZER_ALIASES)}); default adamw")
     g.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=None,
                    help="torch AdamW implementation: foreach (default, torch on CUDA), fused, for-loop")
+    g.add_argument("--loss", choices=("hf", "chunked"), default="hf",
+                   help="hf (transformers' full-sequence fp32 logits, default) or chunked (no full logits)")
     g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
                    help="micro-batches per optimizer step (does not change peak memory)")
     g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
@@ -172,7 +175,7 @@ def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | No
                      attention=args.attention or default_attention(model),
                      optimizer=optimizer, adamw_impl=impl, grad_accum_steps=args.grad_accum_steps,
                      num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),
-                     allow_long_context=bool(args.allow_long_context))
+                     allow_long_context=bool(args.allow_long_context), loss=getattr(args, "loss", "hf"))
 
 
 def gpu_from_args(args: argparse.Namespace) -> GpuSpec | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.loss import chunked_loss_peak_bytes
 from lorabench.methods.protocols import Estimator, LayerCtx
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
 
@@ -204,7 +205,8 @@ def head_saved_bytes(ctx: LayerCtx, input_requires_grad: bool) -> int:
     x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
     h = _norm(g, x, ctx)
     m = ctx.model
-    g.linear(h, m.vocab_size, m.hidden_size, ctx.param_dtype, ctx.train_base)
+    if ctx.train.loss != "chunked":  # the chunked loss saves nothing: it forms its gradients in the forward
+        g.linear(h, m.vocab_size, m.hidden_size, ctx.param_dtype, ctx.train_base)
     return g.saved_bytes
 
 
@@ -217,8 +219,17 @@ def logits_peak_bytes(ctx: LayerCtx) -> int:
     log_softmax (saves its fp32 result) + nll_loss. The training step drops the model output, so the
     16-bit logits die after the forward. Backward of log_softmax holds its saved output, the incoming
     gradient and the new gradient: 3 x 4 bytes x b*s*V; the forward's own peak is 16-bit logits + fp32 copy
-    + log_softmax output. Gemma-2 soft-capping (tanh) saves one more fp32 copy.
+    + log_softmax output. Gemma-2 soft-capping (tanh) saves one more fp32 copy. ``loss=chunked``:
+    :func:`lorabench.memory.loss.chunked_loss_peak_bytes` instead.
     """
+    if ctx.train.loss == "chunked":
+        train = ctx.train
+        return chunked_loss_peak_bytes(ctx.tokens, ctx.model.hidden_size, ctx.model.vocab_size,
+                                       hidden_bytes=DTYPE_BYTES[_residual_dtype(ctx)],
+                                       compute_bytes=DTYPE_BYTES[train.compute_dtype],
+                                       weight_bytes=DTYPE_BYTES[train.param_dtype], weight_grad=ctx.train_base,
+                                       weight_cast=train.param_dtype != train.compute_dtype,
+                                       softcap=bool(ctx.model.hf_config.get("final_logit_softcapping")))
     tv = ctx.tokens * ctx.model.vocab_size
     e = DTYPE_BYTES[ctx.train.compute_dtype]
     saved = 4 * tv

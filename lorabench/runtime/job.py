@@ -203,7 +203,8 @@ class Measurement:
             self.before_step(i)
             tracker = self.tracker if i < untimed else None
             t0 = time.perf_counter()
-            self.losses += train_steps(model, batch, optimizer, 1, tracker=tracker, autocast_dtype=autocast)
+            self.losses += train_steps(model, batch, optimizer, 1, tracker=tracker, autocast_dtype=autocast,
+                                       loss=self.train.loss)
             if cuda:
                 torch.cuda.synchronize()
             self.steps_s += time.perf_counter() - t0

@@ -102,7 +102,7 @@ def _bnb_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
 
 def train_steps(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer, n_steps: int,
                 tracker: MemoryTracker | None = None, autocast_dtype: torch.dtype | None = None,
-                warm_start: bool = False) -> list[float]:
+                warm_start: bool = False, loss: str = "hf") -> list[float]:
     """Run ``n_steps`` training steps on one micro-batch and return the losses.
 
     With a ``tracker``, the model (parameters, buffers), the batch and the optimizer are registered on it
@@ -123,11 +123,18 @@ def train_steps(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.op
             subset of the live bytes of the same moment in step 2: a memory trace of ``n_steps >= 2`` has the
             same peak, breakdown and phase either way, in about half the time. Ignored for one step.
             Not for timing runs.
+        loss: ``TrainSpec.loss``: ``hf`` (the model's own loss) or ``chunked``
+            (:func:`lorabench.runtime.loss.install_chunked_loss` around the steps).
 
     Returns:
         The loss of each full step (NaN for fake tensors, whose values do not exist).
     """
     warm_start = warm_start and n_steps >= 2
+    if loss == "chunked":
+        from lorabench.runtime.loss import install_chunked_loss
+
+        with install_chunked_loss(model):
+            return train_steps(model, batch, optimizer, n_steps, tracker, autocast_dtype, warm_start)
     if tracker is None:
         return _run_steps(model, batch, optimizer, n_steps, None, autocast_dtype, warm_start)
     tracker.track_model(model)

@@ -171,7 +171,7 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
                 stack.enter_context(_unpacked_batches_under_fake())
                 stack.enter_context(_nf4_for_tracing())
                 stack.enter_context(_cuda_dropout())
-            train_steps(model, batch, optimizer, steps, tracker=tracker,
+            train_steps(model, batch, optimizer, steps, tracker=tracker, loss=train.loss,
                         autocast_dtype=autocast_dtype_for(train), warm_start=warm_start)
     except UserError:
         raise

@@ -61,6 +61,13 @@ PATH_CASES = [
     ("llama-2-7b", "qlora", {"dequant": "triton"}, {"gradient_checkpointing": True}),
     ("llama-2-7b", "qlora", {"dequant": "torch"}, {}),
     ("llama-2-7b", "qlora", {"dequant": "triton"}, {}),
+    # The chunked loss (3 chunks of 441 tokens at Qwen's 152k vocabulary; Gemma-2's soft-capped logits),
+    # with 16-bit adapters too.
+    ("qwen2.5-0.5b", "qlora", {}, {"loss": "chunked", "micro_batch_size": 2, "seq_len": 512}),
+    ("qwen2.5-0.5b", "lora", {"adapter_dtype": "bf16"}, {"loss": "chunked", "micro_batch_size": 2, "seq_len": 512}),
+    ("qwen2.5-0.5b", "full", {}, {"loss": "chunked", "micro_batch_size": 2, "seq_len": 512}),
+    ("qwen2.5-0.5b", "qlora", {"adapter_dtype": "bf16"}, {"loss": "chunked", "gradient_checkpointing": True}),
+    ("gemma-2-9b", "lora", {}, {"loss": "chunked", "attention": "eager", "micro_batch_size": 2}),
 ]
 
 
