@@ -38,9 +38,7 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
     """
     from lorabench.architectures import spec_from_hf_config
     from lorabench.catalog import load_gpu, load_model
-    from lorabench.methods import make_config
-    from lorabench.specs import resolve_optimizer
-    from lorabench.validation import train_from_fields
+    from lorabench.resolve import resolve
 
     name = str(cfg.model.name)
     catalog_spec = load_model(name)
@@ -54,13 +52,9 @@ def build_specs(cfg: DictConfig) -> JobSpecs:
 
         extra = set(load_recipe(str(cfg.recipe.name)).method_knobs) - set(knob_names(str(cfg.method.name)))
         knobs = {k: v for k, v in knobs.items() if k not in extra}
-    method = make_config(str(cfg.method.name), knobs)
     train_fields = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                     if k not in RUNNER_TRAIN_KEYS}
-    optimizer, implied = resolve_optimizer(str(cfg.optimizer.name))  # an HF optim alias implies its impl
-    if train_fields.get("adamw_impl") is None:
-        train_fields["adamw_impl"] = implied or "foreach"
-    train = train_from_fields(train_fields, optimizer=optimizer)
+    method, train = resolve(model, str(cfg.method.name), knobs, train_fields, str(cfg.optimizer.name))
     gpu = load_gpu(str(cfg.gpu.name)) if cfg.get("gpu") else None
     return JobSpecs(model=model, method=method, train=train, gpu=gpu, hf_overrides=overrides)
 

@@ -336,59 +336,54 @@ def resolve_optimizer(name: str) -> tuple[str, str | None]:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """One training configuration.
-
-    Attributes:
-        micro_batch_size: sequences per GPU per step.
-        seq_len: tokens per sequence.
-        precision: ``fp32`` (fp32 weights, fp32 math); ``bf16-mixed``/``fp16-mixed`` (fp32 weights,
-            autocast matmuls to 16 bit, the HF Trainer ``bf16=True`` set-up); ``bf16``/``fp16`` (the model
-            stored in 16 bit; PEFT adapters kept fp32, full fine-tuning keeps everything 16-bit).
-        gradient_checkpointing: recompute each decoder layer in backward, keeping only its input.
-        attention: ``sdpa`` (memory-efficient/flash kernels: no s^2 buffer) or ``eager`` (materialized
-            attention probabilities).
-        optimizer: optimizer state layout.
-        grad_accum_steps: micro-batches per optimizer step (does not change peak memory).
-        num_gpus: data-parallel ranks.
-        sharding: ``none``, ``zero1`` (optimizer states), ``zero2`` (+ gradients), ``zero3`` (+ weights;
-            FSDP full shard).
-        master_weights: keep an fp32 copy of 16-bit trainable weights in the optimizer.
-        adamw_impl: torch AdamW implementation, ``foreach`` (torch's CUDA default), ``fused`` or ``for-loop``:
-            they differ in the optimizer step's temporaries (:mod:`lorabench.memory.optimizer_step`).
-        weights_dtype: the dtype the model is loaded in (``torch_dtype``: fp32, bf16, fp16); None: from
-            ``precision``.
-        autocast: ``none``, ``bf16`` or ``fp16``: the ``torch.autocast`` dtype of the forward (the HF Trainer's
-            ``bf16=True`` autocasts over whatever dtype the weights were loaded in); None: from ``precision``.
-            ``precision`` is the shorthand: fp32 = (fp32, none), bf16-mixed = (fp32, bf16), bf16 = (bf16, none).
-        prepare_kbit: PEFT's ``prepare_model_for_kbit_training``: every parameter that is not 4-bit is cast
-            to fp32, gradient checkpointing is on, and the input embeddings' output requires grad.
-        loader: how a quantized model is loaded: ``per-layer`` (each weight quantized as it is loaded:
-            transformers + bitsandbytes, lorabench's runtime) or ``16bit-first`` (the whole model in 16 bit,
-            then quantized). Sets the load phase's peak.
-        allow_long_context: plan/run a ``seq_len`` above the model's ``max_position_embeddings`` (RoPE
-            models only; learned positions never allow it).
-        loss: ``hf`` (transformers' full-sequence fp32 logits) or ``chunked`` (lm_head + cross-entropy over
-            token chunks, no full-sequence logits; :mod:`lorabench.memory.loss`).
-    """
+    """One training configuration. Each field's docstring is its ``--help`` text (:mod:`lorabench.knobs`);
+    ``conf/train/default.yaml`` lists the same fields (tests/test_conf.py checks)."""
 
     micro_batch_size: int = 1
+    """Sequences per GPU per step (the micro-batch)."""
     seq_len: int = 512
+    """Tokens per sequence."""
     precision: str = "bf16"
+    """fp32 (fp32 weights and math); bf16-mixed / fp16-mixed (fp32 weights, matmuls autocast to 16 bit, the
+    HF Trainer bf16=True set-up); bf16 / fp16 (the model stored in 16 bit; PEFT adapters stay fp32)."""
     gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward, keeping only its input."""
     attention: str = "sdpa"
+    """sdpa (memory-efficient/flash kernels: no s^2 buffer) or eager (materialized attention probabilities)."""
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    """Optimizer state layout."""
     grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (does not change peak memory)."""
     num_gpus: int = 1
+    """Data-parallel GPUs (ranks)."""
     sharding: str = "none"
+    """none, zero1 (optimizer states), zero2 (+ gradients) or zero3 (+ weights; FSDP full shard)."""
     master_weights: bool = False
+    """Keep an fp32 master copy of 16-bit trainable weights in the optimizer."""
     allow_long_context: bool = False
+    """Allow a seq_len above the model's max_position_embeddings (RoPE models only; learned positions never)."""
     adamw_impl: str = "foreach"
+    """torch AdamW implementation: foreach (torch's CUDA default), fused or for-loop; they differ in the
+    optimizer step's temporaries (lorabench.memory.optimizer_step)."""
     weights_dtype: str | None = None
+    """The dtype the model is loaded in (torch_dtype: fp32, bf16, fp16); None: from precision."""
     autocast: str | None = None
+    """none, bf16 or fp16: the torch.autocast dtype of the forward (the HF Trainer's bf16=True autocasts over
+    whatever dtype the weights were loaded in); None: from precision. precision is the shorthand: fp32 =
+    (fp32, none), bf16-mixed = (fp32, bf16), bf16 = (bf16, none)."""
     prepare_kbit: bool = False
+    """PEFT's prepare_model_for_kbit_training: every parameter that is not 4-bit is cast to fp32, gradient
+    checkpointing is on, and the input embeddings' output requires grad."""
     loader: str = "per-layer"
     loss: str = "hf"
+    """hf (transformers' full-sequence fp32 logits) or chunked (lm_head + cross-entropy over token chunks, no
+    full-sequence logits; lorabench.memory.loss)."""
 
+    #: CLI flags of a field when not ``--<field-with-dashes>`` (the first is the main one).
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "micro_batch_size": ("--batch", "--micro-batch"), "gradient_checkpointing": ("--checkpointing",
+                                                                                     "--gradient-checkpointing"),
+        "grad_accum_steps": ("--grad-accum",), "num_gpus": ("--gpus",)}
     #: Fields added after record schema 1 was first written: left out of a record at their default, so that
     #: records (and run ids) of configs that do not use them stay what they were.
     RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach",

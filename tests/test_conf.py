@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from lorabench.commands.common import OPTIMIZERS
 from lorabench.methods import CONFIGS, METHOD_NAMES
+from lorabench.resolve import RESOLVED_FIELDS
 from lorabench.specs import OptimizerSpec, TrainSpec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -85,8 +86,9 @@ def test_train_default_equals_trainspec_defaults() -> None:
     assert set(doc) - RUNNER_TRAIN_KEYS == set(spec_fields)
     defaults = TrainSpec()
     for key in spec_fields:
-        # adamw_impl null: the runner takes the optimizer's implied implementation (lorabench.sweep.build_specs)
-        assert doc[key] == getattr(defaults, key) or (key == "adamw_impl" and doc[key] is None), key
+        # null: resolved like the CLI's (lorabench.resolve: the method's precision, the architecture's
+        # attention, the optimizer's AdamW implementation); every other field repeats TrainSpec's default.
+        assert (doc[key] is None) if key in RESOLVED_FIELDS else doc[key] == getattr(defaults, key), key
     assert doc["timed_steps"] >= 1 and doc["warmup_steps"] >= 1 and doc["lr"] > 0
 
 

@@ -1,51 +1,54 @@
-"""Flags shared by ``plan``, ``compare`` and ``trace``: model, method knobs, training and hardware."""
+"""Flags shared by ``plan``, ``compare``, ``trace`` and ``advise``: model, method knobs, training and hardware.
+
+The method flags are generated from the registered method configs, the training flags from
+:class:`~lorabench.specs.TrainSpec` (:mod:`lorabench.knobs`: one flag per field, its help the field's
+docstring); values go through the one resolver (:mod:`lorabench.resolve`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from lorabench import knobs as kn
 from lorabench.catalog import load_gpu, load_model
-from lorabench.errors import UserError
-from lorabench.methods import METHOD_NAMES, MethodConfig, get as get_method, knob_names, make_config
-from lorabench.recipes import Recipe, check_stack, load_recipe
 from lorabench.memory.optimizer_step import ADAMW_IMPLS
-from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, resolve_optimizer
-from lorabench.specs import PRECISIONS, GpuSpec, ModelSpec, OptimizerSpec, TrainSpec
+from lorabench.errors import UserError
+from lorabench.methods import CONFIGS, METHOD_NAMES, MethodConfig, get as get_method, knob_names, make_config
+from lorabench.recipes import Recipe, check_stack, load_recipe
+from lorabench.resolve import RESOLVED_FIELDS, resolve_train, resolved_help
+from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, PRECISIONS, GpuSpec, ModelSpec, TrainSpec
+from lorabench.validation import ATTENTIONS, SHARDINGS
+
 OPTIMIZERS = OPTIMIZER_NAMES + tuple(OPTIMIZER_ALIASES)
 FORMATS = ("table", "markdown", "json", "csv")
 
-#: CLI flag -> method-config field (None default = the method's own default).
-METHOD_KNOBS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--r", "r", int, "LoRA rank (lora, qlora; default 8)"),
-    ("--lora-alpha", "lora_alpha", float, "LoRA alpha (default 8; scaling alpha/r)"),
-    ("--lora-dropout", "lora_dropout", float, "LoRA dropout p (default 0)"),
-    ("--target-modules", "target_modules", str, "comma-separated module suffixes or 'all-linear' (lora, qlora, ia3)"),
-    ("--feedforward-modules", "feedforward_modules", str, "IA3 modules that scale their input"),
-    ("--compute-dtype", "compute_dtype", str, "QLoRA dequantization dtype (bf16, fp16, fp32)"),
-    ("--blocksize", "blocksize", int, "NF4 block size (default 64)"),
-    ("--backend", "backend", str, "QLoRA 4-bit layer: lorabench or bitsandbytes"),
-    ("--dequant", "dequant", str, "QLoRA (lorabench backend) dequantization: auto, triton or torch"),
-    ("--num-virtual-tokens", "num_virtual_tokens", int, "prefix length (default 20)"),
-    ("--encoder-hidden-size", "encoder_hidden_size", int, "prefix projection width (default: token dim)"),
-    ("--reduction-factor", "reduction_factor", int, "adapter bottleneck = hidden // factor (default 16)"),
-    ("--placement", "placement", str, "adapters: double_seq_bn (Houlsby) or seq_bn (Pfeiffer)"),
-    ("--adapter-dtype", "adapter_dtype", str, "dtype of adapter weights (default fp32, PEFT's upcast)"),
-)
-METHOD_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--rslora", "use_rslora", "rank-stabilized scaling alpha/sqrt(r)"),
-    ("--prefix-projection", "prefix_projection", "prefix tuning through an MLP reparameterization"),
-)
+#: Method flags: every field of every registered method config (one flag per field name).
+METHOD_KNOBS: list[kn.Knob] = kn.knobs(CONFIGS)
+#: Training flags: every TrainSpec field but the optimizer (an OptimizerSpec; ``--optimizer`` takes its name).
+TRAIN_KNOBS: list[kn.Knob] = kn.knobs({"": TrainSpec}, skip=("optimizer",))
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"precision": PRECISIONS, "attention": ATTENTIONS,
+                                              "sharding": SHARDINGS, "adamw_impl": ADAMW_IMPLS,
+                                              "weights_dtype": ("fp32", "bf16", "fp16"),
+                                              "autocast": ("none", "bf16", "fp16"),
+                                              "loader": ("per-layer", "16bit-first"), "loss": ("hf", "chunked")}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _method_defaults(k: kn.Knob) -> str:
+    """`` (lora, qlora; default 8)``, or the default per method when they differ."""
+    shown = {m: ("none" if v is None else ",".join(v) if isinstance(v, tuple) else str(v).lower()
+                 if isinstance(v, bool) else str(v)) for m, v in k.defaults.items()}
+    owners = "every method" if len(shown) == len(METHOD_NAMES) else ", ".join(shown)
+    if len(set(shown.values())) == 1:
+        return f" ({owners}; default {next(iter(shown.values()))})"
+    return " (" + "; ".join(f"{m}: default {v}" for m, v in shown.items()) + ")"
+
+
+def _train_default(k: kn.Knob) -> str:
+    if k.name in RESOLVED_FIELDS:
+        return resolved_help(k.name)
+    default = k.defaults[""]
+    return f" (default {str(default).lower() if isinstance(default, bool) else default})"
 
 
 def add_model_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -54,53 +57,22 @@ def add_model_arg(parser: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training")
-    g.add_argument("--batch", "--micro-batch", dest="micro_batch_size", type=_positive_int, default=1,
-                   help="micro-batch per GPU (default 1)")
-    g.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
-    g.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="default: bf16-mixed for full (fp32 master params), bf16 for the others")
+    """The TrainSpec flags (all None when not given: the recipe, then :mod:`lorabench.resolve`, fill them),
+    ``--recipe``, the optimizer, and the hardware."""
+    g = parser.add_argument_group("training (lorabench.specs.TrainSpec)")
     g.add_argument("--recipe", default=None, metavar="NAME",
                    help="a stack's defaults (conf/recipe/NAME.yaml; `lorabench recipes` lists them); explicit flags win")
-    g.add_argument("--checkpointing", "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   default=None, help="recompute each layer in backward")
-    g.add_argument("--attention", choices=("sdpa", "eager"), default=None,
-                   help="default sdpa (eager for Gemma-2, which transformers runs without sdpa)")
+    kn.add_knobs(g, TRAIN_KNOBS, help_suffix=_train_default, choices=TRAIN_CHOICES)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None, metavar="OPTIMIZER",
                    help=f"one of {', '.join(OPTIMIZER_NAMES)}, or an HF Trainer optim string "
                         f"({', '.join(OPTIMIZER_ALIASES)}); default adamw")
-    g.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=None,
-                   help="torch AdamW implementation: foreach (default, torch on CUDA), fused, for-loop")
-    g.add_argument("--loss", choices=("hf", "chunked"), default="hf",
-                   help="hf (transformers' full-sequence fp32 logits, default) or chunked (no full logits)")
-    g.add_argument("--grad-accum", dest="grad_accum_steps", type=_positive_int, default=1,
-                   help="micro-batches per optimizer step (does not change peak memory)")
-    g.add_argument("--master-weights", action="store_true", help="fp32 master copy of 16-bit trainable weights")
-    g.add_argument("--weights-dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="dtype the model is loaded in (torch_dtype); default: from --precision")
-    g.add_argument("--autocast", choices=("none", "bf16", "fp16"), default=None,
-                   help="torch.autocast dtype of the forward (HF Trainer bf16=True); default: from --precision")
-    g.add_argument("--prepare-kbit", action="store_true", default=None,
-                   help="PEFT prepare_model_for_kbit_training: non-4-bit params in fp32, checkpointing on, "
-                        "input embeddings' output requires grad")
-    g.add_argument("--loader", choices=("per-layer", "16bit-first"), default=None,
-                   help="quantized models: quantize each weight as it loads (default) or load 16-bit first")
-    g.add_argument("--allow-long-context", action="store_true",
-                   help="allow --seq-len above the model's max_position_embeddings (RoPE models)")
     h = parser.add_argument_group("hardware")
     h.add_argument("--gpu", default=None, help="catalog GPU (h100, a100-40gb, 4090...); default: every GPU")
-    h.add_argument("--gpus", dest="num_gpus", type=_positive_int, default=1, help="data-parallel GPUs")
-    h.add_argument("--sharding", choices=("none", "zero1", "zero2", "zero3"), default="none")
 
 
 def add_method_knobs(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("method knobs (PEFT names and defaults)")
-    for flag, dest, kind, text in METHOD_KNOBS:
-        g.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    for flag, dest, text in METHOD_FLAGS:
-        g.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
-    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
-                   help="QLoRA without double quantization of the absmax constants")
+    g = parser.add_argument_group("method knobs (PEFT names and defaults; lorabench.methods.*.config)")
+    kn.add_knobs(g, METHOD_KNOBS, help_suffix=_method_defaults)
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
@@ -113,23 +85,16 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
 
 
 def method_knobs(args: argparse.Namespace) -> dict[str, Any]:
-    names = [d for _, d, _, _ in METHOD_KNOBS] + [d for _, d, _ in METHOD_FLAGS] + ["double_quant"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The method knobs given on the command line."""
+    return kn.values(args, METHOD_KNOBS)
 
 
-def default_attention(model: ModelSpec | None) -> str:
-    """sdpa, except Gemma-2 (soft-capped logits: transformers only runs it with eager attention)."""
-    return model.traits.default_attention if model is not None else "sdpa"
-
-
-def optimizer_from_args(args: argparse.Namespace) -> tuple[OptimizerSpec, str]:
-    """(optimizer, AdamW implementation): an HF alias implies its implementation unless --adamw-impl says."""
-    name, implied = resolve_optimizer(_recipe_value(args, "optimizer") or "adamw")
-    explicit = getattr(args, "adamw_impl", None)
-    if explicit and implied and explicit != implied:
-        raise UserError(f"--optimizer {_recipe_value(args, 'optimizer')} means --adamw-impl {implied}, not {explicit}",
-                        f"drop --adamw-impl or pass --optimizer {name}")
-    return OptimizerSpec(name), explicit or implied or "foreach"
+def train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainSpec fields given on the command line over the recipe's (None where the resolver decides)."""
+    recipe = recipe_of(args)
+    given = {k.name: getattr(args, k.name, None) for k in TRAIN_KNOBS}
+    base = {k.name: recipe.train[k.name] for k in TRAIN_KNOBS if recipe is not None and k.name in recipe.train}
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 
 def recipe_of(args: argparse.Namespace) -> Recipe | None:
@@ -138,44 +103,22 @@ def recipe_of(args: argparse.Namespace) -> Recipe | None:
     return load_recipe(name) if name else None
 
 
-def _recipe_value(args: argparse.Namespace, dest: str, train_key: str | None = None) -> Any:
-    """An explicit flag's value, else the recipe's (``train_key`` in its ``train`` block, or its method/optimizer)."""
-    value = getattr(args, dest, None)
-    recipe = recipe_of(args)
-    if value is not None or recipe is None:
-        return value
-    if train_key is None:
-        return getattr(recipe, dest)
-    return recipe.train.get(train_key)
-
-
 def method_from_args(args: argparse.Namespace) -> str:
     """--method, else the recipe's method."""
-    method = _recipe_value(args, "method")
+    recipe = recipe_of(args)
+    method = getattr(args, "method", None) or (recipe.method if recipe is not None else None)
     if method is None:
         raise UserError("no method given", "pass --method (one of " + ", ".join(METHOD_NAMES) + ") or a --recipe that "
                         "selects one (`lorabench recipes`)")
     return str(method)
 
 
-def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec | None = None) -> TrainSpec:
-    precision = _recipe_value(args, "precision", "precision") or get_method(method).default_precision
-    optimizer, impl = optimizer_from_args(args)
+def train_from_args(args: argparse.Namespace, method: str, model: ModelSpec) -> TrainSpec:
+    """The resolved TrainSpec of ``method`` on ``model``: explicit flags, then the recipe, then
+    :func:`lorabench.resolve.resolve_train`'s defaults."""
     recipe = recipe_of(args)
-    if getattr(args, "adamw_impl", None) is None and recipe is not None and "adamw_impl" in recipe.train:
-        impl = recipe.train["adamw_impl"]
-    prepare_kbit = bool(_recipe_value(args, "prepare_kbit", "prepare_kbit"))
-    extra = {k: v for k, v in ((k, _recipe_value(args, k, k)) for k in ("weights_dtype", "autocast", "loader"))
-             if v is not None}
-    checkpointing = _recipe_value(args, "gradient_checkpointing", "gradient_checkpointing")
-    return TrainSpec(**extra, prepare_kbit=prepare_kbit, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
-                     precision=precision,
-                     # prepare_model_for_kbit_training turns gradient checkpointing on
-                     gradient_checkpointing=bool(checkpointing) or prepare_kbit,
-                     attention=args.attention or default_attention(model),
-                     optimizer=optimizer, adamw_impl=impl, grad_accum_steps=args.grad_accum_steps,
-                     num_gpus=args.num_gpus, sharding=args.sharding, master_weights=bool(args.master_weights),
-                     allow_long_context=bool(args.allow_long_context), loss=getattr(args, "loss", "hf"))
+    optimizer = getattr(args, "optimizer", None) or (recipe.optimizer if recipe is not None else None)
+    return resolve_train(train_values(args), method, model, optimizer)
 
 
 def gpu_from_args(args: argparse.Namespace) -> GpuSpec | None:

@@ -36,9 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def specs(model: Any, name: str, args: argparse.Namespace, knobs: dict | None = None) -> tuple[Any, Any]:
+    """(method config, TrainSpec) of one compare row: the method's defaults under the recipe's knobs and
+    ``knobs``, the shared training flags resolved for that method (:mod:`lorabench.resolve`)."""
+    return make_config(name, {**knobs_with_recipe(args, name), **(knobs or {})}), train_from_args(args, name, model)
+
+
 def _evaluate(model: Any, name: str, args: argparse.Namespace, gpu: Any, budget: Any, knobs: dict | None = None) -> dict:
-    method = make_config(name, {**knobs_with_recipe(args, name), **(knobs or {})})
-    train = train_from_args(args, name, model)
+    method, train = specs(model, name, args, knobs)
     pred = predict(model, method, train, gpu)
     step = timing.predict(model, method, train, gpu)
     return {"method": method, "train": train, "pred": pred, "step": step, "fits": fits(pred, gpu).fits,
@@ -91,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
                               "fits": ev["fits"], "max_micro_batch": ev["max_micro_batch"]} for ev in evals.values()]}
         print(render(rows, "json", extra=extra))
         return 0
-    title = (f"{model.display} ({human_count(model.total_params)} params), b={args.micro_batch_size} s={args.seq_len}"
-             f"{' ckpt' if args.gradient_checkpointing else ''}, {args.optimizer or 'adamw'}"
+    shared = next(iter(evals.values()))["train"]
+    title = (f"{model.display} ({human_count(model.total_params)} params), b={shared.micro_batch_size} s={shared.seq_len}"
+             f"{' ckpt' if shared.gradient_checkpointing else ''}, {args.optimizer or 'adamw'}"
              f"{f', recipe {args.recipe}' if args.recipe else ''}, GiB per GPU, on {gpu.display}")
     print(render(rows, args.format, title=title if args.format in ("table", "markdown") else ""))
     if args.format in ("table", "markdown"):

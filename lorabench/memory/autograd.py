@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from lorabench.quant.sizes import DEQUANT_CHUNK_ELEMS, NF4_BLOCKSIZE
 from lorabench.specs import DTYPE_BYTES
 
 _ids = itertools.count()
@@ -52,8 +53,6 @@ class Op:
     param_grad_bytes: int = 0
 
 
-#: Elements lorabench.quant.nf4.dequantize_nf4 decodes per chunk.
-DEQUANT_CHUNK_ELEMS = 1 << 22
 
 
 def dequant_scratch_bytes(numel: int) -> int:
@@ -62,7 +61,7 @@ def dequant_scratch_bytes(numel: int) -> int:
     values (4 B/element); a chunk's temporaries are still alive when the next chunk's are made (two chunks).
     """
     chunks_alive = 2 if numel > DEQUANT_CHUNK_ELEMS else 1
-    return int(4 * -(-numel // 64) + chunks_alive * 6 * min(numel, DEQUANT_CHUNK_ELEMS))
+    return int(4 * -(-numel // NF4_BLOCKSIZE) + chunks_alive * 6 * min(numel, DEQUANT_CHUNK_ELEMS))
 
 
 def promote(a: str, b: str) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorabench.errors import require
-from lorabench.quant.sizes import bnb_cpu_row_problem
+from lorabench.quant.sizes import NF4_BLOCKSIZE, bnb_cpu_row_problem
 
 if TYPE_CHECKING:
     from lorabench.quant.linear4bit import Linear4bit
@@ -48,7 +48,7 @@ def import_bitsandbytes() -> ModuleType:
     return bitsandbytes
 
 
-def require_cpu_safe_shape(in_features: int, device: torch.device, blocksize: int = 64) -> None:
+def require_cpu_safe_shape(in_features: int, device: torch.device, blocksize: int = NF4_BLOCKSIZE) -> None:
     """Refuse (UserError, one line) a bitsandbytes 4-bit layer on the CPU whose rows bitsandbytes' CPU kernels
     get wrong (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`); on CUDA every shape is accepted."""
     problem = bnb_cpu_row_problem(in_features, blocksize) if device.type == "cpu" else None

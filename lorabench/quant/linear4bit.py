@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lorabench.quant.sizes import NF4_BLOCKSIZE
 from lorabench.quant.triton_nf4 import dequantize_op, triton_available
 
 DEQUANT_BACKENDS = ("auto", "torch", "triton")
@@ -134,7 +135,7 @@ class Linear4bit(nn.Module):
         linear: nn.Linear,
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.bfloat16,
-        blocksize: int = 64,
+        blocksize: int = NF4_BLOCKSIZE,
         dequant: str = "auto",
     ) -> Linear4bit:
         """Quantize an ``nn.Linear`` (on its own device) into a ``Linear4bit``."""

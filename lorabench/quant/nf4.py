@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from lorabench.quant.sizes import DEQUANT_CHUNK_ELEMS, DQ_BLOCKSIZE, NF4_BLOCKSIZE
+
 NF4_CODE: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -55,7 +57,7 @@ TINY_ABSMAX = 1e-38
 """Lower clamp of a block's absmax before taking its reciprocal (bitsandbytes' value): no NaN for
 all-zero blocks, no inf for subnormal ones."""
 
-CHUNK_ELEMS = 1 << 22
+CHUNK_ELEMS = DEQUANT_CHUNK_ELEMS
 """Elements processed per vectorized step. Bounds quantize/dequantize temporaries to ~6 bytes x 4M
 regardless of the weight's size (the fp32 products are written straight into the output dtype)."""
 
@@ -201,10 +203,10 @@ class NF4Tensor:
     absmax: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
-    blocksize: int = 64
+    blocksize: int = NF4_BLOCKSIZE
     nested_absmax: torch.Tensor | None = None
     offset: torch.Tensor | None = None
-    dq_blocksize: int = 256
+    dq_blocksize: int = DQ_BLOCKSIZE
 
     requires_grad = False  # class attribute, not a field: a quantized weight is never trained
 
@@ -312,7 +314,7 @@ class NF4Tensor:
         return cls(packed=_compact(packed.reshape(-1)), absmax=_compact(state[f"{prefix}.absmax"]),
                    shape=torch.Size(info["shape"]), dtype=getattr(torch, info["dtype"]),
                    blocksize=int(info["blocksize"]), nested_absmax=nested, offset=offset,
-                   dq_blocksize=int(info.get("nested_blocksize", 256)))  # fmt: skip
+                   dq_blocksize=int(info.get("nested_blocksize", DQ_BLOCKSIZE)))  # fmt: skip
 
 
 def _check_map(stored: torch.Tensor | None, expected: torch.Tensor, key: str) -> None:
@@ -321,7 +323,7 @@ def _check_map(stored: torch.Tensor | None, expected: torch.Tensor, key: str) ->
 
 
 def quantize_nf4(
-    weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
+    weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = True, dq_blocksize: int = DQ_BLOCKSIZE
 ) -> NF4Tensor:
     """Quantize ``weight`` (fp32/bf16/fp16, any shape, any device) to NF4; see the module docstring.
 

@@ -31,6 +31,15 @@ so that the bnb comparison backend can be predicted too.
 
 from __future__ import annotations
 
+NF4_BLOCKSIZE = 64
+"""Elements per NF4 block sharing one absmax (QLoRA's and bitsandbytes' default)."""
+
+DQ_BLOCKSIZE = 256
+"""Absmax values per second-level block of double quantization (bitsandbytes' value)."""
+
+DEQUANT_CHUNK_ELEMS = 1 << 22
+"""Elements lorabench's torch NF4 dequantization (``lorabench.quant.nf4``) decodes per chunk."""
+
 NF4_CODEBOOK_ENTRIES = 16
 """Entries of the NF4 codebook (one per 4-bit code)."""
 
@@ -64,7 +73,7 @@ def _check(numel: int, blocksize: int, dq_blocksize: int) -> None:
 
 
 def nf4_storage_bytes(
-    numel: int, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
+    numel: int, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = True, dq_blocksize: int = DQ_BLOCKSIZE
 ) -> int:
     """Exact bytes of the tensors one NF4-quantized weight holds (shared codebooks excluded).
 
@@ -97,9 +106,9 @@ def nf4_storage_bytes(
 
 def nf4_bytes_per_param(
     numel: int | None = None,
-    blocksize: int = 64,
+    blocksize: int = NF4_BLOCKSIZE,
     double_quant: bool = True,
-    dq_blocksize: int = 256,
+    dq_blocksize: int = DQ_BLOCKSIZE,
 ) -> float:
     """Bytes per quantized parameter.
 
@@ -140,7 +149,7 @@ def bnb_extra_bytes_per_layer(double_quant: bool = True) -> int:
     return NF4_CODEBOOK_BYTES + (DYNAMIC_MAP_BYTES if double_quant else 0)
 
 
-def bnb_cpu_row_problem(in_features: int, blocksize: int = 64) -> str | None:
+def bnb_cpu_row_problem(in_features: int, blocksize: int = NF4_BLOCKSIZE) -> str | None:
     """Why bitsandbytes' CPU 4-bit path cannot be trusted for a linear with rows of ``in_features``.
 
     bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` (``backends/cpu/ops.py`` -> ``cdequantize_blockwise_

@@ -21,6 +21,7 @@ class AdaptersConfig(MethodConfig):
     placement: str = "double_seq_bn"
     """'double_seq_bn' (Houlsby: after attention and after the MLP) or 'seq_bn' (Pfeiffer: after the MLP)."""
     non_linearity: str = "swish"
+    """The bottleneck's activation: swish (SiLU), the adapters library's default."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

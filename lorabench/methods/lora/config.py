@@ -15,6 +15,7 @@ class LoraConfig(MethodConfig):
     """Low-rank update W + (alpha/r) * B A on each targeted linear (Hu et al. 2021, eq. 3)."""
 
     name: ClassVar[str] = "lora"
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"use_rslora": ("--rslora", "--use-rslora")}
     r: int = 8
     """Rank of A (r x in) and B (out x r)."""
     lora_alpha: float = 8

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Mapping
 
 from lorabench.errors import require
 from lorabench.methods.lora.config import LoraConfig
+from lorabench.quant.sizes import NF4_BLOCKSIZE
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class QLoraConfig(LoraConfig):
     target_modules: str | tuple[str, ...] | None = "all-linear"
     double_quant: bool = True
     """Quantize the fp32 absmax constants to 8 bit (blocks of 256): 0.127 vs 0.5 bits/param."""
-    blocksize: int = 64
+    blocksize: int = NF4_BLOCKSIZE
     """NF4 block size (elements per absmax)."""
     compute_dtype: str = "bf16"
     """dtype the weight is dequantized to for the matmul."""
@@ -59,4 +60,4 @@ class QLoraConfig(LoraConfig):
         require(self.compute_dtype in ("bf16", "fp16", "fp32"), f"compute_dtype {self.compute_dtype!r} is unknown",
                 "use bf16, fp16 or fp32")
         require(self.blocksize in (32, 64, 128, 256), f"blocksize {self.blocksize} is not supported",
-                "use 64 (the NF4 default)")
+                f"use {NF4_BLOCKSIZE} (the NF4 default)")

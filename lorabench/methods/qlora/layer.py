@@ -35,13 +35,12 @@ from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.methods.targets import select
 from lorabench.quant.linear4bit import Linear4bit
 from lorabench.quant.nf4 import NF4Tensor
+from lorabench.quant.sizes import DQ_BLOCKSIZE, NF4_BLOCKSIZE
 from lorabench.specs import ModelSpec, TrainSpec
 
-DQ_BLOCKSIZE = 256
-"""Absmax values per second-level block of double quantization (bitsandbytes' value)."""
 
 
-def empty_nf4(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, *, blocksize: int = 64,
+def empty_nf4(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, *, blocksize: int = NF4_BLOCKSIZE,
               double_quant: bool = True) -> NF4Tensor:
     """An uninitialised NF4 weight with exactly the storage ``quantize_nf4`` would allocate.
 
@@ -108,8 +107,8 @@ def _check(spec: ModelSpec, cfg: QLoraConfig) -> None:
     fused = [m.name for m in spec.quantized_matrices() if not m.is_linear]
     require(not fused, f"qlora cannot quantize the fused expert tensors {fused} of {spec.name}",
             "use lora on this model, or a dense model for qlora")
-    require(cfg.backend != "bitsandbytes" or cfg.blocksize == 64,
-            f"the bitsandbytes backend uses blocksize 64, not {cfg.blocksize}", "pass blocksize=64")
+    require(cfg.backend != "bitsandbytes" or cfg.blocksize == NF4_BLOCKSIZE,
+            f"the bitsandbytes backend uses blocksize {NF4_BLOCKSIZE}, not {cfg.blocksize}", f"pass blocksize={NF4_BLOCKSIZE}")
 
 
 def quantized_paths(model: nn.Module, spec: ModelSpec) -> list[str]:
@@ -222,7 +221,7 @@ def merge_qlora(model: nn.Module, *, requantize: bool = False) -> nn.Module:
         if requantize:
             w = base.weight if isinstance(base, Linear4bit) else None
             merged = Linear4bit.from_linear(merged, double_quant=True if w is None else w.double_quant,
-                                            compute_dtype=compute, blocksize=64 if w is None else w.blocksize)
+                                            compute_dtype=compute, blocksize=NF4_BLOCKSIZE if w is None else w.blocksize)
         replace_module(model, path, merged)
     return model
 

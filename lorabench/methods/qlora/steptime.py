@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from lorabench.methods.lora.steptime import adapter_work, trainable_tensors
 from lorabench.methods.qlora.config import QLoraConfig
+from lorabench.quant.sizes import DEQUANT_CHUNK_ELEMS, NF4_BLOCKSIZE
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.steptime.work import Work
 
 __all__ = ["adapter_work", "dequant_work", "trainable_tensors"]
 
-#: Elements per chunk of lorabench's dequantization (lorabench.quant.nf4.CHUNK_ELEMS).
-_CHUNK = 1 << 22
 
 
 def fused_kernel(cfg: QLoraConfig, device_kind: str) -> bool:
@@ -39,10 +38,10 @@ def dequant_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec, device_ki
     """One dequantization of every quantized weight of all layers (the caller multiplies by the passes)."""
     e = DTYPE_BYTES[train.compute_dtype]
     fused = fused_kernel(cfg, device_kind)
-    per_elem = (0.5 + 1 / 64 + e) if fused else (12.5 + e)
+    per_elem = (0.5 + 1 / NF4_BLOCKSIZE + e) if fused else (12.5 + e)
     out = Work()
     for m in model.quantized_matrices():
         n = m.in_features * m.out_features * m.copies
-        kernels = 2 if fused else 20 + 3 * -(-n // _CHUNK)
+        kernels = 2 if fused else 20 + 3 * -(-n // DEQUANT_CHUNK_ELEMS)
         out = out + Work(0.0, n * per_elem, kernels)
     return out * model.num_layers
