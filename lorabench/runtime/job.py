@@ -259,12 +259,12 @@ class Measurement:
         return out
 
 
-def _trace(spec: Any, method: Any, train: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """The fake-tensor trace of the same config (``trace=true``), or (None, error)."""
+def _trace(spec: Any, method: Any, train: Any, device: str = "cuda") -> tuple[dict[str, Any] | None, str | None]:
+    """The fake-tensor trace of the same config (``trace=true``) as ``device`` runs it, or (None, error)."""
     try:
         from lorabench.runtime.trace import trace
 
-        return trace(spec, method, train).to_dict(), None
+        return trace(spec, method, train, as_on_cuda=device == "cuda").to_dict(), None
     except Exception as err:
         return None, f"trace: {_one_line(err)}"
 
@@ -295,7 +295,7 @@ def run_payload(payload: dict[str, Any], env_path: Path | None = None) -> dict[s
     errors: list[str] = []
     t_trace = time.perf_counter()
     if payload.get("trace"):
-        result["traced"], trace_error = _trace(spec, method, train)
+        result["traced"], trace_error = _trace(spec, method, train, str(device))
         errors += [trace_error] if trace_error else []
     trace_s = time.perf_counter() - t_trace
     run = Measurement(payload, spec, method, train)

@@ -79,7 +79,8 @@ class TraceResult:
 
 
 def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps: int = 2,
-          fake: bool = True, warm_start: bool = True, keep_storages: bool = False) -> TraceResult:
+          fake: bool = True, warm_start: bool = True, keep_storages: bool = False,
+          as_on_cuda: bool = True) -> TraceResult:
     """Trace ``steps`` training steps of the full-size model under fake tensors and return the peak.
 
     Args:
@@ -88,6 +89,8 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
         fake: False runs the same steps on real CPU tensors (small models only; for cross-checks).
         warm_start: the first step is optimizer-only (zero gradients create the optimizer state): the same
             peak as full steps in half the time (see ``train_steps``); False runs every step in full.
+        as_on_cuda: take the kernels a CUDA run takes where they differ (``dequant=auto``: the Triton NF4
+            op); False traces what a CPU run does (the runner's CPU jobs, ``trace=true``).
         keep_storages: also return the storages live at the peak, labeled with the module that made them
             (a diagnostic: adds module hooks and a snapshot at every new peak, ~10-20% slower).
 
@@ -99,7 +102,7 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
             "drop --gpus/--sharding, or use `lorabench plan` for sharded set-ups")
     start = time.perf_counter()
     tracker = _run_tracked(spec, method_cfg, train, steps, fake=fake, warm_start=warm_start,
-                           configure=_keep_storages if keep_storages else None)
+                           configure=_keep_storages if keep_storages else None, as_on_cuda=as_on_cuda)
     return TraceResult(components=dict(tracker.peak_breakdown), peak_bytes=tracker.peak_bytes,
                        phase=tracker.peak_phase, seconds=time.perf_counter() - start,
                        phase_peak_bytes=dict(tracker.phase_peak_bytes), note=DEVICE_NOTE if fake else REAL_NOTE,
@@ -148,7 +151,8 @@ def _fold_layer_index(module: str) -> str:
 
 def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, steps: int, *, fake: bool,
                  warm_start: bool = True,
-                 configure: Callable[[MemoryTracker, torch.nn.Module], None] | None = None) -> MemoryTracker:
+                 configure: Callable[[MemoryTracker, torch.nn.Module], None] | None = None,
+                 as_on_cuda: bool = True) -> MemoryTracker:
     """Build the model (fake or real CPU), then run ``steps`` tracked training steps; returns the tracker."""
     # Real inputs are allowed (and faked per op): bitsandbytes' 8-bit optimizers keep their shared quantization
     # maps as real CPU tensors built in the constructor, which cannot run under fake mode (it reads values).
@@ -165,7 +169,8 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
         # Built outside fake mode: bitsandbytes' constructors compute their quantization maps from values.
         optimizer = make_optimizer(model.parameters(), train.optimizer, TRACE_LR, impl=train.adamw_impl)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_dequant_as_on_cuda())
+            if as_on_cuda:
+                stack.enter_context(_dequant_as_on_cuda())
             if fake_mode is not None:
                 stack.enter_context(fake_mode)
                 stack.enter_context(_unpacked_batches_under_fake())
