@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+from typing import Any
+
 from lorabench.catalog import all_gpus
 from lorabench.commands import timing
 from lorabench.commands.notes import method_notes
@@ -11,7 +15,8 @@ from lorabench.commands.common import (add_cost_args, add_format_arg, add_plan_a
 from lorabench.memory.categories import PLANNER_COMPONENTS, TRACE_TO_PLANNER
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.render import render
-from lorabench.units import gib, human_count
+from lorabench.steptime.cost import summary
+from lorabench.units import GiB, gib, human_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,15 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if traced is not None:
         total["traced GiB"] = ""
     rows.append(total)
-    gpus = [gpu] if gpu else all_gpus()
-    verdicts = []
-    for g in gpus:
-        v = fits(pred, g)
-        row = {"gpu": g.name, "memory GiB": gib(g.memory_bytes, 1), "fits": "yes" if v.fits else "no",
-               "headroom GiB": gib(v.headroom_bytes, 2), "max micro-batch": str(max_micro_batch(model, method, train, g))}
-        if v.fits:
-            row.update(timing.cells(step if g is gpu and step else timing.predict(model, method, train, g), budget, g))
-        verdicts.append(row)
+    checks = _verdicts(model, method, train, pred, [gpu] if gpu else all_gpus(), gpu, step, budget)
+    verdicts = [_verdict_cells(c) for c in checks]
     head = (f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
             f"trainable {human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.3f}%) | "
             f"b={train.micro_batch_size} s={train.seq_len} {train.label}"
@@ -60,18 +58,26 @@ def run(args: argparse.Namespace) -> int:
             f"{f' ({train.adamw_impl})' if train.optimizer.name == 'adamw' and train.adamw_impl != 'foreach' else ''}"
             f"{f' x{train.num_gpus} {train.sharding}' if train.num_gpus > 1 else ''}"
             f"{f' | recipe {args.recipe}' if args.recipe else ''} | peak in {pred.phase}")
+    explained = None
+    if args.explain:
+        from lorabench.memory.explain import explain
+
+        explained = explain(model, method, train, pred)
     if args.format == "json":
         prediction = pred.to_dict()
         if step is not None and gpu is not None:
             prediction.update(timing.json_fields(step, budget, gpu))
         extra = {"model": model.name, "method": method.to_dict(), "train": train.to_record(),
-                 "prediction": prediction, "verdicts": verdicts, "notes": method_notes(model, method, pred)}
+                 "recipe": args.recipe, "prediction": prediction, "verdicts": [_verdict_json(c) for c in checks],
+                 "notes": method_notes(model, method, pred)}
         if traced is not None:
             extra["traced"] = traced
-        print(render(rows, "json", extra=extra))
+        if explained is not None:
+            extra["explain"] = explained
+        print(render(_component_json(pred, traced), "json", extra=extra))
         return 0
     if args.format == "csv":
-        print(render(rows, "csv"))
+        print(_csv(pred, traced, checks, explained))
         return 0
     print(head)
     print(render(rows, args.format))
@@ -85,12 +91,70 @@ def run(args: argparse.Namespace) -> int:
         print(timing.line(step, budget, gpu))
     print()
     print(render(verdicts, args.format))
-    if args.explain:
-        from lorabench.memory.explain import explain
-
+    if explained is not None:
         print()
-        print(render(explain(model, method, train, pred), args.format))
+        print(render(explained, args.format))
     return 0
+
+
+def _verdicts(model, method, train, pred, gpus, chosen, step, budget) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """One entry per GPU: the GPU, the verdict, the largest micro-batch and (when it fits) the step time."""
+    out = []
+    for g in gpus:
+        v = fits(pred, g)
+        time_ = (step if g is chosen and step else timing.predict(model, method, train, g)) if v.fits else None
+        out.append({"gpu": g, "verdict": v, "max_micro_batch": max_micro_batch(model, method, train, g),
+                    "step": time_, "budget": budget})
+    return out
+
+
+def _verdict_cells(c: dict[str, Any]) -> dict[str, str]:
+    g, v = c["gpu"], c["verdict"]
+    row = {"gpu": g.name, "memory GiB": gib(g.memory_bytes, 1), "fits": "yes" if v.fits else "no",
+           "headroom GiB": gib(v.headroom_bytes, 2), "max micro-batch": str(c["max_micro_batch"])}
+    if c["step"] is not None:
+        row.update(timing.cells(c["step"], c["budget"], g))
+    return row
+
+
+def _verdict_json(c: dict[str, Any]) -> dict[str, Any]:
+    """A verdict with numbers as numbers: bytes (int), GiB (float), fits (bool)."""
+    g, v = c["gpu"], c["verdict"]
+    row: dict[str, Any] = {"gpu": g.name, "memory_bytes": g.memory_bytes, "memory GiB": g.memory_bytes / GiB,
+                           "fits": v.fits, "headroom_bytes": v.headroom_bytes, "headroom GiB": v.headroom_bytes / GiB,
+                           "max micro-batch": c["max_micro_batch"]}
+    if c["step"] is not None:
+        row.update(summary(c["step"], c["budget"], g))
+    return row
+
+
+def _component_json(pred: Any, traced: dict[str, int] | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in PLANNER_COMPONENTS:
+        row: dict[str, Any] = {"component": name, "bytes": pred.components[name], "GiB": pred.components[name] / GiB}
+        if traced is not None:
+            row["traced_bytes"] = traced.get(name)
+        rows.append(row)
+    rows.append({"component": "total (device)", "bytes": pred.device_bytes, "GiB": pred.device_bytes / GiB})
+    return rows
+
+
+def _csv(pred: Any, traced: dict[str, int] | None, checks: list[dict[str, Any]],
+         explained: list[dict[str, str]] | None) -> str:
+    """One CSV table: component rows (kind=component, bytes and GiB), verdict rows (kind=verdict, one per GPU,
+    fits true/false) and with --explain the explain rows (kind=explain)."""
+    rows = [{"kind": "component", "name": r["component"], **{k: v for k, v in r.items() if k != "component"}}
+            for r in _component_json(pred, traced)]
+    rows += [{"kind": "verdict", "name": r["gpu"], **{k: v for k, v in r.items() if k != "gpu"}}
+             for r in map(_verdict_json, checks)]
+    rows += [{"kind": "explain", "name": r["component"], **{k: v for k, v in r.items() if k != "component"}}
+             for r in explained or []]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in r.items()} for r in rows)
+    return buf.getvalue().rstrip("\n")
 
 
 def _trace(model, method, train) -> dict[str, int]:  # type: ignore[no-untyped-def]
