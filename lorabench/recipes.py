@@ -68,7 +68,7 @@ def check_stack(stack: str, method: Any, train: Any, hooks: Any) -> None:
     """What a stack refuses although the planner could plan it.
 
     PEFT builds prefix tuning's past key/values as a Cache, which raises "... does not work with gradient
-    checkpointing" (peft 0.21 ``PeftModel._setup_prompt_encoder``); lorabench's own runtime runs it.
+    checkpointing" (docs/SOURCES.md#peft-prefix-ckpt); lorabench's own runtime runs it.
 
     Raises:
         UserError: prefix tuning with gradient checkpointing on the PEFT stack.

@@ -303,7 +303,7 @@ class OptimizerSpec:
         """
         if self.name.endswith("8bit"):
             return 1 + 4 / 256
-        if self.name == "paged_adamw":  # bitsandbytes' 32-bit optimizers keep fp32 states for any param dtype
+        if self.name == "paged_adamw":  # fp32 states for any param dtype (docs/SOURCES.md#bnb-32bit-states)
             return 4.0
         return None
 

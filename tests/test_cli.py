@@ -45,7 +45,29 @@ def test_plan_explain_and_csv(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["plan", "--model", "7b", "--method", "qlora", "--explain"], capsys)
     assert code == 0 and "Dettmers" in out and "docs/SOURCES.md#nf4" in out
     code, out, _ = _run(["plan", "--model", "7b", "--method", "full", "--format", "csv"], capsys)
-    assert out.splitlines()[0] == "component,GiB"
+    assert out.splitlines()[0].startswith("kind,name,bytes,GiB")
+
+
+def test_machine_readable_formats_carry_numbers_verdicts_and_explain(capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+    import io
+
+    code, out, _ = _run(["plan", "--model", "70b", "--method", "qlora", "--format", "json", "--explain"], capsys)
+    doc = json.loads(out)
+    total = next(r for r in doc["rows"] if r["component"] == "total (device)")
+    assert total["bytes"] == doc["prediction"]["device_bytes"] and isinstance(total["GiB"], float)
+    verdict = next(v for v in doc["verdicts"] if v["gpu"] == "h100-80gb")
+    assert verdict["fits"] is True and isinstance(verdict["headroom_bytes"], int)
+    assert isinstance(verdict["max micro-batch"], int)
+    assert {r["component"] for r in doc["explain"]} >= {"gradients", "activations"}
+    code, out, _ = _run(["plan", "--model", "70b", "--method", "qlora", "--format", "csv", "--explain",
+                         "--gpu", "t4"], capsys)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"component", "verdict", "explain"}
+    assert next(r for r in rows if r["kind"] == "verdict")["fits"] == "false"
+    code, out, _ = _run(["plan", "--model", "7b", "--method", "lora", "--format", "markdown", "--explain"], capsys)
+    assert code == 0 and "| formula" in out.replace("  ", " ")
 
 
 def test_compare_lists_six_methods(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,15 +28,17 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
         ("quantized_weights", "per matrix: ceil(n/2) codes + ceil(n/64) absmax codes + 4 ceil(n/64/256) + 4 B"
          if quantized else "0 (no 4-bit weights)", "NF4 + double quant, Dettmers et al. 2023 Sec. 3 (docs/SOURCES.md#nf4)"),
         ("trainable", f"{n:,} trainable x {tb:g} B ({t_dtype}){shard}", _trainable_source(method.name)),
-        ("gradients", f"{n:,} x {tb:g} B at the {pred.phase} peak" if c['gradients'] else
-         "0: no gradient exists yet at the peak (start of backward)", "a gradient has its parameter's dtype (docs/SOURCES.md#derivatives-yaml)"),
+        ("gradients", "0: no gradient exists yet at this moment of backward",
+         "a gradient has its parameter's dtype (docs/SOURCES.md#derivatives-yaml)"),
         ("optimizer", f"{train.optimizer.states_per_param} states x {n:,} x {state_b:g} B ({train.optimizer.name}){shard}",
          "AdamW keeps m and v, Loshchilov & Hutter 2019 (docs/SOURCES.md#adamw); 8-bit: docs/SOURCES.md#bnb-8bit-optim"),
         ("master_weights", f"4 B x {n:,}" if c["master_weights"] else "0 (no separate fp32 master copy)",
          "mixed precision, Micikevicius et al. 2018 (docs/SOURCES.md#mixed-precision)"),
-        ("activations", _activation_formula(model, method, train, hooks),
+        ("optimizer_temp", "0: the peak is not in the optimizer step",
+         "torch AdamW foreach/fused/for-loop temporaries (docs/SOURCES.md#torch-adamw)"),
+        ("activations", "0: nothing saved for backward is alive at this moment",
          "symbolic autograd walk of the layer (lorabench.memory.activations), save rules: docs/SOURCES.md#derivatives-yaml"),
-        ("logits", f"log_softmax fp32 b*s*V = {b}x{s}x{v} x 4 B, + 2 gradient buffers in backward",
+        ("logits", "0: the logits are freed at this moment",
          "transformers ForCausalLMLoss upcasts logits (docs/SOURCES.md#hf-loss)"),
         ("cuda_context", f"{calibration()['cuda_context_bytes']:,} B",
          f"{calibration()['source']} (docs/SOURCES.md#cuda-context)"),
@@ -44,8 +46,22 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
          f"{calibration()['allocator_slack_min_bytes']:,} B)",
          f"{calibration()['source']} (docs/SOURCES.md#allocator)"),
     ]
-    return [{"component": name, "formula": formula, "GiB": gib(c[name], 3), "source": src}
-            for name, formula, src in rows]
+    return [{"component": name, "formula": _from_parts(pred, name) or _static(formula, c[name], pred),
+             "GiB": gib(c[name], 3), "source": src} for name, formula, src in rows]
+
+
+def _static(formula: str, value: int, pred: Prediction) -> str:
+    """A persistent term's formula; a '0: ...' text only when the component is 0 at the peak."""
+    return f"{value:,} B at the {pred.peak_moment} moment" if value and formula.startswith("0") else formula
+
+
+def _from_parts(pred: Prediction, name: str) -> str:
+    """The component as the planner summed it (its labelled terms), '' when it is one unlabelled term."""
+    parts = pred.parts.get(name, ())
+    if not any(label for label, _ in parts):
+        return ""
+    return " + ".join(f"{label or 'other'} {value / 1024**2:,.1f} MiB" for label, value in parts) + \
+        f" (peak moment: {pred.peak_moment})"
 
 
 def _trainable_source(method_name: str) -> str:
@@ -53,20 +69,3 @@ def _trainable_source(method_name: str) -> str:
     if not anchor:
         return "every parameter of the model trains"
     return f"{method_name} trainable-parameter formula (docs/SOURCES.md#{anchor})"
-
-
-def _activation_formula(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks: Estimator) -> str:
-    """Per-layer saved bytes from the symbolic walk, with the numbers filled in."""
-    from lorabench.memory import activations as act
-
-    ctx = act.layer_ctx(model, method, train, hooks)
-    first = act.layer_memory(ctx, hooks.trains_base)
-    rest = act.layer_memory(ctx, first.output_requires_grad)
-    mib = 1024**2
-    L = model.num_layers
-    if train.gradient_checkpointing:
-        return (f"{L} layer inputs x {act.checkpoint_saved_bytes(ctx) / mib:.1f} MiB + one recomputed layer "
-                f"({rest.saved_bytes / mib:.1f} MiB saved, {rest.backward_peak_bytes / mib:.1f} MiB at its backward peak)")
-    return (f"layer 0 saves {first.saved_bytes / mib:.1f} MiB + {L - 1} layers x {rest.saved_bytes / mib:.1f} MiB "
-            f"(b={train.micro_batch_size}, s={train.seq_len}, {train.precision})")
-

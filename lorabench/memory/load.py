@@ -11,7 +11,8 @@ A quantized model reaches its training-time storage along one of two paths (``Tr
 PEFT's ``prepare_model_for_kbit_training`` then casts every non-4-bit parameter to fp32 one at a time
 (``param.data = param.data.to(torch.float32)``): the largest such parameter exists in both dtypes for a
 moment. Models without quantized weights load straight into their training dtype. The verdict is the
-maximum over all phases, the load phase included.
+maximum over all phases, the load phase included. Sources: docs/SOURCES.md#bnb-load,
+docs/SOURCES.md#peft-kbit-steps.
 """
 
 from __future__ import annotations

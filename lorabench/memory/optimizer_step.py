@@ -1,7 +1,7 @@
 """Temporaries of the optimizer step and of gradient accumulation at the end of backward (torch-free).
 
 Read off the optimizer implementations (torch 2.13 ``torch/optim/adam.py``; bitsandbytes 0.50 optimizers)
-and checked against the fake-tensor trace (tests/memory/test_optimizer_step.py):
+and checked against the fake-tensor trace (tests/memory/test_optimizer_step.py; docs/SOURCES.md#torch-adamw):
 
 * ``foreach`` (torch's default on CUDA): ``_multi_tensor_adam`` computes ``exp_avg_sq_sqrt =
   torch._foreach_sqrt(exp_avg_sqs)`` for every parameter at once, then divides/adds in place: one

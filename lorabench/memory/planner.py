@@ -27,6 +27,7 @@ from lorabench.catalog import CONF_DIR, _load_yaml
 from lorabench.memory import activations as act
 from lorabench.memory import sharding as sh
 from lorabench.memory.categories import PLANNER_COMPONENTS
+from lorabench.memory.labelled import part, parts_of
 from lorabench.memory.load import load_components
 from lorabench.memory.optimizer_step import step_temporary_bytes, tied_embedding_transient_bytes
 from lorabench.methods import get as get_method
@@ -48,6 +49,10 @@ class Prediction:
     phase_peaks: dict[str, int] = field(default_factory=dict)
     state_bytes: dict[str, int] = field(default_factory=dict)
     """Per-GPU bytes of the persistent terms (after sharding), whatever the peak phase."""
+    parts: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict, compare=False)
+    """Each component at the peak as the labelled terms the planner summed (what ``--explain`` prints)."""
+    peak_moment: str = ""
+    """The candidate moment that is the peak (``backward_top_layer``, ``optimizer``, ``load``...)."""
 
     @property
     def peak_allocated_bytes(self) -> int:
@@ -118,35 +123,46 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     ctx = act.layer_ctx(model, method, train, hooks)
     first = act.layer_memory(ctx, hooks.trains_base or train.prepare_kbit)  # trainable embeddings make every hidden state need grad
     rest = act.layer_memory(ctx, first.output_requires_grad) if model.num_layers > 1 else first
-    head = act.head_saved_bytes(ctx, rest.output_requires_grad)
-    logits_bwd = act.logits_peak_bytes(ctx)
     n = model.num_layers
+    head = part("final norm + lm_head: saved tensors", act.head_saved_bytes(ctx, rest.output_requires_grad))
+    logits_bwd = part(f"logits: fp32 log_softmax output + 2 gradient buffers (3 x b*s*V x 4 B)", act.logits_peak_bytes(ctx))
     # When the top layer's backward runs, the head's parameter gradients already exist (full FT).
-    head_grads = _head_grad_bytes(model, train, hooks)
-    top_grads = head_grads + rest.backward_peak_param_grad_bytes
-    bottom_grads = (head_grads + sh.ceil_div((n - 1) * rest.param_grad_bytes, done_grad_div)
-                    + first.backward_peak_param_grad_bytes)
-    kept_grads = (n - 1) * hooks.persistent_gradient_bytes(ctx)  # left alive by the layers above
+    head_grads = part("lm_head + final norm gradients", _head_grad_bytes(model, train, hooks))
+    top_grads = head_grads + part("top layer's parameter gradients", rest.backward_peak_param_grad_bytes)
+    bottom_grads = (head_grads + part(f"{n - 1} layers' parameter gradients",
+                                      sh.ceil_div((n - 1) * rest.param_grad_bytes, done_grad_div))
+                    + part("layer 0's parameter gradients so far", first.backward_peak_param_grad_bytes))
+    kept_grads = part(f"activation gradients kept by {n - 1} layers above",
+                      (n - 1) * hooks.persistent_gradient_bytes(ctx))
     # The second layer from the bottom: the lowest of the `rest` layers (its input needs grad, unlike layer 0's).
-    second_above = head_grads + sh.ceil_div(max(n - 2, 0) * rest.param_grad_bytes, done_grad_div)
-    second_grads = second_above + rest.backward_peak_param_grad_bytes
-    second_kept = max(n - 2, 0) * hooks.persistent_gradient_bytes(ctx)
+    second_above = head_grads + part(f"{max(n - 2, 0)} layers' parameter gradients",
+                                     sh.ceil_div(max(n - 2, 0) * rest.param_grad_bytes, done_grad_div))
+    second_grads = second_above + part("layer 1's parameter gradients so far", rest.backward_peak_param_grad_bytes)
+    second_kept = part(f"activation gradients kept by {max(n - 2, 0)} layers above",
+                       max(n - 2, 0) * hooks.persistent_gradient_bytes(ctx))
+    bwd_peak = part("one layer's replayed backward peak", rest.backward_peak_bytes)
+    fwd_peak = part("one layer's forward peak (saved + temporaries)", rest.forward_peak_bytes)
+    first_bwd = part("layer 0's replayed backward peak", first.backward_peak_bytes)
     if train.gradient_checkpointing:
-        ckpt = act.checkpoint_saved_bytes(ctx)
-        incoming = act.incoming_gradient_bytes(ctx)
-        recompute = n * ckpt + rest.forward_peak_bytes + incoming
-        top = max(n * ckpt + rest.backward_peak_bytes, recompute)
+        ckpt_b = act.checkpoint_saved_bytes(ctx)
+        ckpt = part(f"checkpointed layer input ({ckpt_b:,} B)", ckpt_b)
+        all_ckpt = part(f"{n} checkpointed layer inputs x {ckpt_b:,} B", n * ckpt_b)
+        incoming = part("gradient waiting at the recomputed layer's output", act.incoming_gradient_bytes(ctx))
+        recompute = all_ckpt + fwd_peak + incoming
+        top = max(all_ckpt + bwd_peak, recompute)
         # The layer above's input-gradient pieces are still held while this layer recomputes and runs backward.
-        second = [(2 * ckpt + second_kept + rest.backward_peak_bytes + incoming, 0, second_grads),
-                  (2 * ckpt + second_kept + rest.forward_peak_bytes + incoming, 0, second_above)] if n > 1 else []
-        return [(n * ckpt + head, logits_bwd, 0), (top, 0, top_grads),
-                (ckpt + kept_grads + first.backward_peak_bytes, 0, bottom_grads), *second]
-    below_top = first.saved_bytes + (n - 2) * rest.saved_bytes if n > 1 else 0
+        two = part(f"2 checkpointed layer inputs x {ckpt_b:,} B", 2 * ckpt_b)
+        second = [(two + second_kept + bwd_peak + incoming, 0, second_grads),
+                  (two + second_kept + fwd_peak + incoming, 0, second_above)] if n > 1 else []
+        return [(all_ckpt + head, logits_bwd, 0), (top, 0, top_grads),
+                (ckpt + kept_grads + first_bwd, 0, bottom_grads), *second]
+    saved0 = part(f"layer 0: saved tensors ({first.saved_bytes:,} B)", first.saved_bytes)
+    below_top = saved0 + part(f"{n - 2} layers x {rest.saved_bytes:,} B saved", (n - 2) * rest.saved_bytes) if n > 1 else 0
     # The top layer's own forward (its temporaries on top of everything saved below) can exceed both.
-    top = max(below_top + rest.backward_peak_bytes, below_top + rest.forward_peak_bytes)
-    second = [(first.saved_bytes + second_kept + rest.backward_peak_bytes, 0, second_grads)] if n > 1 else []
-    return [(first.saved_bytes + (n - 1) * rest.saved_bytes + head, logits_bwd, 0),
-            (top, 0, top_grads), (kept_grads + first.backward_peak_bytes, 0, bottom_grads), *second]
+    top = max(below_top + bwd_peak, below_top + fwd_peak)
+    second = [(saved0 + second_kept + bwd_peak, 0, second_grads)] if n > 1 else []
+    saved_all = saved0 + part(f"{n - 1} layers x {rest.saved_bytes:,} B saved", (n - 1) * rest.saved_bytes)
+    return [(saved_all + head, logits_bwd, 0), (top, 0, top_grads), (kept_grads + first_bwd, 0, bottom_grads), *second]
 
 
 def _head_grad_bytes(model: ModelSpec, train: TrainSpec, hooks: Any) -> int:
@@ -204,22 +220,27 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     largest = getattr(hooks, "largest_trainable_params", lambda m, c: n_train)(model, method)
     opt_temp = step_temporary_bytes(train.optimizer, train.adamw_impl, base["optimizer"],
                                     int(largest * (state_b if state_b is not None else DTYPE_BYTES[t_dtype])))
-    tied = tied_embedding_transient_bytes(model.vocab_size, model.hidden_size, DTYPE_BYTES[t_dtype],
-                                          hooks.trains_base and model.tie_word_embeddings)
+    tied = part("tied embedding: its two gradients and their sum (2 extra x V x h)",
+                tied_embedding_transient_bytes(model.vocab_size, model.hidden_size, DTYPE_BYTES[t_dtype],
+                                               hooks.trains_base and model.tie_word_embeddings))
+    opt_temp = part(f"{train.adamw_impl} AdamW step temporary" if train.optimizer.name == "adamw" else "step temporary",
+                    opt_temp)
+    all_grads = part(f"all gradients: {n_train:,} x {DTYPE_BYTES[t_dtype]:g} B ({t_dtype})", base["gradients"])
     fsdp, n = sh.is_fsdp(train), sh.world(train)
     loss_peak, top_peak, bottom_peak, *second_peaks = _backward_candidates(model, method, train, hooks,
                                                                            n if fsdp else 1)
     groups = sh.fsdp_groups(model, weights, t_bytes, hooks.trains_base,
                             int(getattr(hooks, "root_trainable_params", _no_root)(model, method) * DTYPE_BYTES[t_dtype]),
                             DTYPE_BYTES[train.param_dtype])
-    bucket = sh.ddp_bucket_bytes(train, t_bytes)
+    bucket = part("DDP gradient buckets", sh.ddp_bucket_bytes(train, t_bytes))
     kept = sh.kept_all_gather_bytes(groups, train)
 
     def moment(moment_name: str, activations: int, logits: int, grads: int, temp: int = 0) -> dict[str, int]:
         frozen, trainable = sh.gathered_bytes(groups, train, moment_name, model.num_layers)
         # Unsharded gradients exist beside FSDP's shards; one device (or DDP) holds at most all of them.
         grads = grads if fsdp else min(grads, base["gradients"])
-        return dict(static, weights=static["weights"] + frozen, trainable=static["trainable"] + trainable,
+        return dict(static, weights=static["weights"] + part("all-gathered weights", frozen),
+                    trainable=static["trainable"] + part("all-gathered trainable weights", trainable),
                     gradients=grads + bucket, optimizer_temp=temp, activations=activations, logits=logits)
 
     candidates = {
@@ -229,8 +250,8 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
                                         bottom_peak[2] + sh.retained_reduce_input_bytes(groups, train, model.num_layers)),
         **{f"backward_second_layer_{i}": moment("bottom", acts, 0, grads)
            for i, (acts, _, grads) in enumerate(second_peaks)},
-        "backward_end": moment("end", tied, 0, base["gradients"]),
-        "optimizer": moment("optimizer", 0, 0, base["gradients"], temp=opt_temp),
+        "backward_end": moment("end", tied, 0, all_grads),
+        "optimizer": moment("optimizer", 0, 0, all_grads, temp=opt_temp),
     }
     if fsdp:
         # The forward's end (the loss runs inside the root's forward) still holds the top layer's flat
@@ -247,6 +268,8 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     phase = max(totals, key=lambda k: totals[k])
     comps = {c: 0 for c in PLANNER_COMPONENTS}
     comps.update(candidates[phase])
+    parts = {c: parts_of(v) for c, v in comps.items()}
+    comps = {c: int(v) for c, v in comps.items()}
     cal = calibration(gpu.name if gpu else None)
     allocated = sum(comps.values())
     comps["allocator_slack"] = int(max(cal["allocator_slack_fraction"] * allocated, cal["allocator_slack_min_bytes"]))
@@ -254,7 +277,9 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     spill = comps["optimizer"] if train.optimizer.paged else 0
     return Prediction(components=comps, phase=phase if phase in ("optimizer", "load") else "backward",
                       trainable_params=n_train, total_params=model.total_params,
-                      host_bytes=spill, spillable_bytes=spill, phase_peaks=totals, state_bytes=base)
+                      host_bytes=spill, spillable_bytes=spill, phase_peaks=totals, state_bytes=base,
+                      peak_moment=phase, parts={**parts, "allocator_slack": (("", comps["allocator_slack"]),),
+                             "cuda_context": (("", comps["cuda_context"]),)})
 
 
 def fits(prediction: Prediction, gpu: GpuSpec) -> Verdict:

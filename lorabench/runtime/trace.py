@@ -295,7 +295,7 @@ def _cuda_dropout() -> Iterator[None]:
     On the CPU, ``F.dropout`` of a tensor that requires grad draws a mask in the input's dtype
     (``empty_like(input).bernoulli_``) and multiplies, so autograd keeps a 4-byte mask per fp32 element; the
     CUDA kernel (``native_dropout``, used whenever the input is on CUDA) keeps a 1-byte bool mask. The trace
-    reproduces a CUDA run, as with ``foreach`` AdamW.
+    reproduces a CUDA run, as with ``foreach`` AdamW (docs/SOURCES.md#cuda-dropout).
     """
     original = torch.nn.functional.dropout
 
