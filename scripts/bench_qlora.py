@@ -200,6 +200,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--model", default="llama-3.2-1b", help="catalog model (tiny-llama for the CPU dry run)")
+    p.add_argument("--hf", action="append", default=[], metavar="KEY=INT",
+                   help="override an integer field of the model's HF config (e.g. intermediate_size=192, a shape "
+                        "bitsandbytes' CPU kernels accept for the dry run)")
     p.add_argument("--gpu", default=None, help="catalog GPU for the bandwidth reference (default: detected)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -245,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     spec = load_model(args.model)
+    if args.hf:
+        from lorabench.architectures import spec_from_hf_config
+
+        overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.hf)}
+        spec = spec_from_hf_config({**spec.hf_config, **overrides}, name=spec.name, display=spec.display)
     gpu = resolve_gpu(args.device, args.gpu)
     train = TrainSpec(micro_batch_size=args.batch, seq_len=args.seq_len, precision="bf16",
                       gradient_checkpointing=args.checkpointing, optimizer=OptimizerSpec("adamw"))

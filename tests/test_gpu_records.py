@@ -5,41 +5,27 @@ GPU record (results/*/records.jsonl, device cuda) with the committed calibration
 on the held-out half: median |predicted - measured| / measured <= 2 % and max <= 5 % on the NVML device peak, and
 the fit/OOM verdict right on every probe. It skips while no GPU record is committed.
 
-Every other test runs the same checking code (scripts/calibrate.py) on records built HERE by
+Every other test runs the same checking code (lorabench.calibrate) on records built HERE by
 :func:`synthetic_gpu_records`: a TEST FIXTURE of invented numbers (sweep name ``test-fixture-synthetic``), never
 written under results/ and never a measurement.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
 
-from lorabench import records
+from lorabench import calibrate, records
+from lorabench.cli import main as cli_main
 from lorabench.memory import planner
 from lorabench.methods import make_config
 from lorabench.specs import OptimizerSpec, TrainSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"lorabench_scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-calibrate = _load_script("calibrate")
-gpu_probes = _load_script("gpu_probes")
 
 
 # ---------------------------------------------------------------------------------------------- the guard
@@ -55,7 +41,7 @@ def guard_failures(recs: list[dict[str, Any]]) -> list[str]:
     for gpu, result in calibrate.check(recs).items():
         if not (ROOT / "conf" / "calibration" / f"{gpu}.yaml").is_file():
             failures.append(f"{gpu}: GPU records committed but no conf/calibration/{gpu}.yaml "
-                            "(run scripts/calibrate.py)")
+                            "(run lorabench calibrate)")
         failures += result.failures()
     return failures
 
@@ -216,7 +202,7 @@ def test_calibrate_cli_writes_provenance_from_the_records(tmp_path: Path, capsys
     for record in synthetic_gpu_records(TRUTH, small_errors):
         records.append_record(path, record)
     out = tmp_path / "cal.yaml"
-    assert calibrate.main(["--records", str(path), "--out", str(out)]) == 0
+    assert cli_main(["calibrate", "--records", str(path), "--out", str(out)]) == 0
     doc = yaml.safe_load(out.read_text())
     cal = calibrate.Calibration.from_mapping(doc)
     assert abs(cal.cuda_context_bytes - TRUTH.cuda_context_bytes) < 8 << 20
@@ -234,18 +220,7 @@ def test_calibrate_refuses_without_gpu_records(tmp_path: Path, capsys: pytest.Ca
                          {"tracker": None})
     records.append_record(path, cpu)
     for argv in (["--records", str(path)], ["--records", str(tmp_path / "missing.jsonl")]):
-        assert calibrate.main([*argv, "--out", str(tmp_path / "x.yaml")]) == 2
+        assert cli_main(["calibrate", *argv, "--out", str(tmp_path / "x.yaml")]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("calibrate: no GPU records") and "\n" not in err
+        assert err.startswith("lorabench calibrate: no GPU records") and "\n" not in err
     assert not (tmp_path / "x.yaml").exists()
-
-
-def test_probe_caps_bracket_the_planner_levels_on_a_tiny_grid() -> None:
-    probes = gpu_probes.plan(device="cuda", per_method=1, margin=0.05, extra=["device=cuda"],
-                             replace={"model": "tiny-llama", "method": "lora,full", "train.micro_batch_size": "1",
-                                      "train.seq_len": "32", "train.gradient_checkpointing": "false,true"})
-    assert sorted(p.overrides["method"] for p in probes) == ["full", "lora"]
-    for p in probes:
-        assert p.cap_below_bytes < p.allocated_bytes < p.reserved_bytes < p.cap_above_bytes
-        assert p.hydra_line().endswith(f"memory_cap_bytes={p.cap_below_bytes},{p.cap_above_bytes}")
-        assert json.dumps(p.overrides)  # plain strings, Hydra-ready

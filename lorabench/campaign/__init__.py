@@ -1,0 +1,1 @@
+"""The GPU validation campaign in one command: plan (priority order), clock, resumable runner."""
