@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,12 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def _environment(device: str) -> dict[str, Any]:
+    from lorabench.records import environment
+
+    return environment(device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "blocks_with": with_,
         "sampler": nvml_sampling.last.to_dict() if use_nvml else None,  # type: ignore[attr-defined]
         "torch": torch.__version__,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "env": _environment(device),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float, str, int]:
-    """(wall s, CPU s of the command and its children, last 3000 characters of output, exit code)."""
+    """(wall s, CPU s of the command and its children, its output, exit code)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc.stdout[-3000:], proc.returncode
+    return wall, cpu, proc.stdout, proc.returncode
 
 
 def counts(summary: str) -> dict[str, int]:
@@ -60,11 +60,12 @@ def main() -> int:
             subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
             doc["venv_wall_s"], doc["venv_cpu_s"], out, rc = timed(["make", "env"], where)
             if rc:
-                print(out, file=sys.stderr)
+                print(out[-3000:], file=sys.stderr)
                 return 1
         python = where / ".venv" / "bin" / "python" if not args.in_place else Path(sys.executable)
         wall, cpu, out, rc = timed([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], where)
-    doc.update({"suite_wall_s": wall, "suite_cpu_s": cpu, "exit_code": rc, "tests": counts(out),
+    failed = sorted({ln.split()[1] for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))})
+    doc.update({"suite_wall_s": wall, "suite_cpu_s": cpu, "exit_code": rc, "tests": counts(out), "failed": failed,
                 "load_avg_1min": round(max(load_before, os.getloadavg()[0]), 2)})
     doc = {k: round(v, 1) if isinstance(v, float) else v for k, v in doc.items()}
     doc["suite_wall_min"] = round(doc["suite_wall_s"] / 60, 1)
