@@ -105,20 +105,23 @@ def _mib(value: Any) -> str:
 def progress_line(k: int, n: int | None, record: dict[str, Any], wall_s: float) -> str:
     """``[k/N] status model method mbs seq prec ckpt | peak .. pred .. (err) | tok/s | seconds``.
 
-    peak: ``torch.cuda.max_memory_allocated`` on GPU, the tracker's tensor peak on CPU; err = (predicted -
-    measured) / measured, the planner's error at the allocated level.
+    peak: ``torch.cuda.max_memory_allocated`` on GPU, the tracker's tensor peak on CPU (the largest rank's for
+    a multi-rank job); err = (predicted - measured) / measured, the planner's error at the allocated level.
     """
     cfg, measured, predicted = record["config"], record.get("measured") or {}, record.get("predicted") or {}
     train = cfg["train"]
     tracker = measured.get("tracker") or {}
     peak = measured.get("torch_max_allocated_bytes") or tracker.get("peak_bytes")
+    ranks = [p for p in measured.get("per_rank_peak_bytes") or [] if p]
+    peak = max(ranks) if ranks else peak  # a multi-rank job: its largest rank (the planner predicts per GPU)
     pred = predicted.get("peak_allocated_bytes")
     err = f" (err {100 * (pred - peak) / peak:+.1f}%)" if peak and pred else ""  # planner error vs measured
     tps = measured.get("tokens_per_s")
     parts = [f"[{k}/{n if n else k}] {record['status']:<7}", cfg["model"], cfg["method"]["method"],
              f"mbs={train['micro_batch_size']} seq={train['seq_len']} {train['precision']}"
-             f" ckpt={'on' if train['gradient_checkpointing'] else 'off'}",
-             f"| peak {_mib(peak)} pred {_mib(pred)}{err}",
+             f" ckpt={'on' if train['gradient_checkpointing'] else 'off'}"
+             + (f" x{train['num_gpus']} {train['sharding']}" if train.get("num_gpus", 1) > 1 else ""),
+             f"| peak {_mib(peak)}{' max rank' if ranks else ''} pred {_mib(pred)}{err}",
              f"| {tps:.0f} tok/s" if tps else "| - tok/s", f"| {wall_s:.1f}s"]
     if record.get("error"):
         parts.append(f"| {record['error'][:160]}")

@@ -135,6 +135,7 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
     kept_grads = part(f"activation gradients kept by {n - 1} layers above",
                       (n - 1) * hooks.persistent_gradient_bytes(ctx))
     # The second layer from the bottom: the lowest of the `rest` layers (its input needs grad, unlike layer 0's).
+    # With two layers it is the top layer, whose own candidate above holds no layer above it.
     second_above = head_grads + part(f"{max(n - 2, 0)} layers' parameter gradients",
                                      sh.ceil_div(max(n - 2, 0) * rest.param_grad_bytes, done_grad_div))
     second_grads = second_above + part("layer 1's parameter gradients so far", rest.backward_peak_param_grad_bytes)
@@ -153,14 +154,14 @@ def _backward_candidates(model: ModelSpec, method: MethodConfig, train: TrainSpe
         # The layer above's input-gradient pieces are still held while this layer recomputes and runs backward.
         two = part(f"2 checkpointed layer inputs x {ckpt_b:,} B", 2 * ckpt_b)
         second = [(two + second_kept + bwd_peak + incoming, 0, second_grads),
-                  (two + second_kept + fwd_peak + incoming, 0, second_above)] if n > 1 else []
+                  (two + second_kept + fwd_peak + incoming, 0, second_above)] if n > 2 else []
         return [(all_ckpt + head, logits_bwd, 0), (top, 0, top_grads),
                 (ckpt + kept_grads + first_bwd, 0, bottom_grads), *second]
     saved0 = part(f"layer 0: saved tensors ({first.saved_bytes:,} B)", first.saved_bytes)
     below_top = saved0 + part(f"{n - 2} layers x {rest.saved_bytes:,} B saved", (n - 2) * rest.saved_bytes) if n > 1 else 0
     # The top layer's own forward (its temporaries on top of everything saved below) can exceed both.
     top = max(below_top + bwd_peak, below_top + fwd_peak)
-    second = [(saved0 + second_kept + bwd_peak, 0, second_grads)] if n > 1 else []
+    second = [(saved0 + second_kept + bwd_peak, 0, second_grads)] if n > 2 else []
     saved_all = saved0 + part(f"{n - 1} layers x {rest.saved_bytes:,} B saved", (n - 1) * rest.saved_bytes)
     return [(saved_all + head, logits_bwd, 0), (top, 0, top_grads), (kept_grads + first_bwd, 0, bottom_grads), *second]
 

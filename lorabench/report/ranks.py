@@ -29,7 +29,9 @@ def _row(record: dict[str, Any]) -> tuple[list[str], list[float]]:
     peaks = measured["per_rank_peak_bytes"]
     errors = [(pred - p) / p for p in peaks if p and pred]
     ranks = measured.get("per_rank") or []
-    cells = [cfg["model"], cfg["method"]["method"], train["sharding"], str(train["num_gpus"]),
+    overrides = cfg.get("model_hf_config_overrides") or {}
+    model = " ".join([cfg["model"]] + [f"{k}={v}" for k, v in sorted(overrides.items())])
+    cells = [model, cfg["method"]["method"], train["sharding"], str(train["num_gpus"]),
              "on" if train["gradient_checkpointing"] else "off", train["precision"],
              _mib(pred) if pred else "-", " / ".join(_mib(p) if p else "-" for p in peaks),
              " / ".join(f"{100 * e:+.2f}%" for e in errors) or "-",
@@ -45,6 +47,21 @@ def _components(record: dict[str, Any]) -> str:
                                        record["measured"]["per_rank"]] for c in TRACE_CATEGORIES]
     n = len(record["measured"]["per_rank"])
     return md(rows, ["category (MiB)", "predicted"] + [f"rank {i}" for i in range(n)])
+
+
+def _summary(runs: list[dict[str, Any]]) -> str:
+    """Per sharding: runs, ranks, median and max |error| over all ranks, runs within the bound."""
+    rows = []
+    for sharding in ("none", "zero1", "zero2", "zero3"):
+        part = [r for r in runs if r["config"]["train"]["sharding"] == sharding]
+        errors = sorted(abs(e) for r in part for e in _row(r)[1])
+        if not errors:
+            continue
+        within = sum(1 for r in part if all(abs(e) <= PER_RANK_BOUND for e in _row(r)[1]))
+        rows.append([sharding, str(len(part)), str(len(errors)), f"{100 * errors[len(errors) // 2]:.2f}%",
+                     f"{100 * errors[-1]:.2f}%", f"{within}/{len(part)}"])
+    return md(rows, ["sharding", "runs", "ranks", "median abs err", "max abs err",
+                     f"runs within ±{100 * PER_RANK_BOUND:.0f}%"])
 
 
 def per_rank_section(records: list[dict[str, Any]]) -> list[str]:
@@ -67,8 +84,13 @@ def per_rank_section(records: list[dict[str, Any]]) -> list[str]:
             "planner's peak moment.", "",
             f"{within} of {len(runs)} runs within ±{100 * PER_RANK_BOUND:.0f}% on every rank; "
             f"worst {100 * worst:.2f}%.", "",
+            "### Per-rank error by sharding", "", _summary(runs), "",
+            "### Every multi-device run", "",
             md(rows, ["model", "method", "sharding", "N", "ckpt", "precision", "predicted MiB",
                       "measured MiB per rank", "error per rank", "measured phase", "predicted moment"]), "",
-            f"Categories of the worst run ({cfg['method']['method']}, {cfg['train']['sharding']}, "
-            f"ckpt {'on' if cfg['train']['gradient_checkpointing'] else 'off'}):", "",
+            "### Categories of the worst run", "",
+            f"{cfg['method']['method']}, {cfg['train']['sharding']}, ckpt "
+            f"{'on' if cfg['train']['gradient_checkpointing'] else 'off'}, {cfg['train']['precision']}"
+            f"{', ' + str(cfg.get('model_hf_config_overrides')) if cfg.get('model_hf_config_overrides') else ''}:",
+            "",
             _components(worst_run), ""]
