@@ -7,7 +7,8 @@ the same structure on tiny models):
    micro-batch x seq_len x checkpointing in :func:`balanced_shapes` order, all methods at each shape. So the
    first ``len(methods)`` jobs cover every method once, the first half of a model's jobs a half fraction of
    the 2^3 shape design (every factor and every pair of factors balanced), the whole model the full design.
-   ``methods_by_model`` restricts a model to some methods (QLoRA only on llama-2-13b).
+   ``methods_by_model`` restricts a model to some methods (QLoRA only on llama-2-13b). With ``rounds: 2``
+   (the GPU preset) every model's first half fraction comes before any model's second half.
 2. **probes** (``gpu-probes``): per emulated card (a memory cap through ``set_per_process_memory_fraction``;
    on the CPU the tracker's cap) the config of the probe grid whose predicted level lies just below the cap
    (the planner says fits, it must run) and the one just above it (the planner says OOM, it must OOM), at
@@ -60,16 +61,26 @@ def shape_overrides(micro_batch: int, seq_len: int, ckpt: bool) -> tuple[str, ..
 
 
 def validation_jobs(campaign: dict[str, Any]) -> list[CampaignJob]:
-    """Stage 1 in priority order (see the module docstring)."""
+    """Stage 1 in priority order (see the module docstring).
+
+    With ``rounds: 2`` the shape design is split into its two half fractions: every model gets the first half
+    (each factor and pair balanced) before any model gets the second, so a prefix that ends inside the big
+    models still holds a balanced sample of every smaller one; ``rounds: 1`` runs each model's full design
+    before the next model.
+    """
     shapes = balanced_shapes(campaign["micro_batches"], campaign["seq_lens"], campaign["checkpointing"])
+    rounds = int(campaign.get("rounds", 1))
+    if rounds not in (1, 2):
+        raise ValueError("campaign.rounds is 1 (model by model) or 2 (half fraction of every model first)")
     restricted = campaign.get("methods_by_model") or {}
     jobs = []
-    for model in campaign["models"]:
-        methods = restricted.get(model, campaign["methods"])
-        for shape in shapes:
-            jobs += [CampaignJob("validate", campaign["validate_sweep"],
-                                 (f"model={model}", f"method={method}", *shape_overrides(*shape)))
-                     for method in methods]
+    for part in (shapes[:4], shapes[4:]) if rounds == 2 else (shapes,):
+        for model in campaign["models"]:
+            methods = restricted.get(model, campaign["methods"])
+            for shape in part:
+                jobs += [CampaignJob("validate", campaign["validate_sweep"],
+                                     (f"model={model}", f"method={method}", *shape_overrides(*shape)))
+                         for method in methods]
     return jobs
 
 

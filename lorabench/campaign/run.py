@@ -127,6 +127,11 @@ def plan_probes(settings: Settings, campaign: dict[str, Any], device: str, gpu: 
     return plan.probe_jobs(picks, campaign["probes_sweep"])
 
 
+def plan_jobs(settings: Settings, campaign: dict[str, Any], device: str, gpu: Any) -> list[plan.CampaignJob]:
+    """Every record job of the campaign in priority order: validate, then the probes (inside a Hydra context)."""
+    return plan.validation_jobs(campaign) + plan_probes(settings, campaign, device, gpu)
+
+
 def check_all(settings: Settings, jobs: list[plan.CampaignJob]) -> list[tuple[plan.CampaignJob, DictConfig, Any]]:
     """Compose and check every job before anything runs (UserError names the first bad one)."""
     from lorabench.sweep import check_job
@@ -213,8 +218,7 @@ def run_campaign(settings: Settings) -> Tally:
         campaign = campaign_node(settings)
         device = resolve_device(str(compose(settings, ()).device))
         gpu = detect_gpu() if device == "cuda" else None
-        jobs = plan.validation_jobs(campaign) + plan_probes(settings, campaign, device, gpu)
-        checked = check_all(settings, jobs)
+        checked = check_all(settings, plan_jobs(settings, campaign, device, gpu))
         print(f"campaign: {len(checked)} record jobs checked ({device}, preset {settings.preset}) "
               f"in {time.time() - settings.started_at:.0f} s", flush=True)
         clock = Clock(settings.budget_s, dict(campaign["reserve_s"]), float(campaign["finish_s"]),

@@ -141,3 +141,32 @@ def load_peft_state(directory: str | Path, params: dict[str, nn.Parameter]) -> N
             param.copy_(loaded[key].to(param.dtype))
 
 
+def materialize_direct(module: nn.Module, device: torch.device | str, memo: dict[int, torch.Tensor]) -> bool:
+    """Replace ``module``'s own meta parameters/buffers by empty tensors on ``device`` (tied ones once, via
+    ``memo``); True when anything was replaced."""
+    changed = False
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.device.type == "meta":
+            if id(param) not in memo:
+                memo[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
+                                               requires_grad=param.requires_grad)
+            setattr(module, name, memo[id(param)])
+            changed = True
+    for name, buf in list(module.named_buffers(recurse=False)):
+        if buf is not None and buf.device.type == "meta":
+            module._buffers[name] = torch.empty_like(buf, device=device)
+            changed = True
+    return changed
+
+
+def init_on_device(model: nn.Module, device: torch.device | str, memo: dict[int, torch.Tensor] | None = None,
+                   skip: Any = None) -> nn.Module:
+    """Materialize every module still on meta directly on ``device`` and initialise it there with transformers'
+    own ``_init_weights`` (the init ``from_config`` runs), module by module; ``skip(module)`` leaves a module
+    alone (already built). Nothing is allocated or initialised on the CPU for a CUDA model."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        if (skip is None or not skip(module)) and materialize_direct(module, device, memo):
+            with torch.no_grad():
+                model._init_weights(module)
+    return model

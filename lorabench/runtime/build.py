@@ -57,6 +57,20 @@ def build_model(spec: ModelSpec, train: TrainSpec, *, device: str = "cpu", seed:
     return model
 
 
+def build_on_device(spec: ModelSpec, train: TrainSpec, *, device: str, seed: int = 0) -> PreTrainedModel:
+    """:func:`build_model` for an accelerator: built on meta (no storage, no init), ``to_empty`` on ``device``,
+    then transformers' own whole-model init there (``init_weights``: the init ``from_config`` runs, in its
+    order, so parent-level rules such as GPT-2's scaled ``c_proj`` apply) after ``torch.manual_seed(seed)``,
+    and the tied weights tied again. Nothing is allocated or initialised on the CPU for a CUDA model."""
+    model = build_model(spec, train, device="meta", seed=seed)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+    model.tie_weights()
+    return model
+
+
 def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
     """transformers' context that skips weight init (meta tensors have no values to init): 2x faster."""
     try:
@@ -93,6 +107,8 @@ def prepare_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *
     if materialize is not None and device != "meta":
         model = materialize(build_model(spec, train, device="meta", seed=seed), spec, method_cfg, train,
                             device=device, seed=seed)
+    elif torch.device(device).type not in ("cpu", "meta"):  # a GPU: never a CPU init of the full model
+        model = build_on_device(spec, train, device=device, seed=seed)
     else:
         model = build_model(spec, train, device=device, seed=seed)
     model = runtime.apply(model, spec, method_cfg, train)

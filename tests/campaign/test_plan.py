@@ -34,6 +34,10 @@ def test_validation_order_covers_every_method_first_then_shapes_then_models() ->
     assert all("model=small" in j.overrides for j in jobs[:24])
     assert all(j.overrides[:2] == ("model=big", "method=qlora") for j in jobs[24:])
     assert jobs[0].label() == "model=small method=full micro_batch_size=1 seq_len=512 gradient_checkpointing=false"
+    halves = plan.validation_jobs({**CAMPAIGN, "rounds": 2})
+    assert sorted(halves, key=str) == sorted(jobs, key=str)
+    models = [dict(o.split("=", 1) for o in j.overrides)["model"] for j in halves]
+    assert models == ["small"] * 12 + ["big"] * 4 + ["small"] * 12 + ["big"] * 4  # every model's half first
 
 
 def test_probes_take_the_nearest_config_on_each_side_of_every_cap_outside_the_margin() -> None:
@@ -64,3 +68,28 @@ def test_clock_keeps_the_later_stages_reserves_and_learns_the_overhead() -> None
     clock.started_at = __import__("time").time() - 290  # 290 s into the command
     assert clock.may_start(5.0, 300) and not clock.may_start(16.5, 300)
     assert 189 <= clock.job_timeout_s(600) <= 190 and clock.job_timeout_s(60) == 60
+
+
+def test_the_gpu_preset_plans_and_every_job_passes_the_runners_checks() -> None:
+    """What the device command plans before running anything (as on an H200, without touching a GPU here)."""
+    import time
+    from pathlib import Path
+
+    from hydra import initialize_config_dir
+
+    from lorabench.campaign import run
+    from lorabench.catalog import load_gpu
+    from lorabench.sweep import CONF_DIR
+
+    settings = run.Settings("gpu-campaign", Path("/nonexistent"), Path("/nonexistent"), 510, time.time())
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        campaign = run.campaign_node(settings)
+        jobs = run.plan_jobs(settings, campaign, "cuda", load_gpu("h200-141gb"))
+        checked = run.check_all(settings, jobs)
+    validate = [j for j in jobs if j.stage == "validate"]
+    probes = [j for j in jobs if j.stage == "probes"]
+    assert len(validate) == 3 * 6 * 8 + 8 and len(checked) == len(jobs)
+    assert validate[0].overrides[:2] == ("model=qwen2.5-0.5b", "method=full")
+    caps = [int(dict(o.split("=", 1) for o in j.overrides)["memory_cap_bytes"]) for j in probes]
+    assert len(probes) == 10 and len(set(caps)) == 5  # a config below and one above each emulated card
+    assert all(cfg.train.warmup_steps == 2 and cfg.train.timed_steps == 5 for _, cfg, _ in checked)

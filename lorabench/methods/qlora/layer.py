@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from lorabench.errors import UserError, require
-from lorabench.methods.common import (adapter_torch_dtype, freeze, is_conv1d, layer_module_paths, replace_module,
-                                      torch_dtype)
+from lorabench.methods.common import (adapter_torch_dtype, freeze, init_on_device, is_conv1d, layer_module_paths,
+                                      materialize_direct, replace_module, torch_dtype)
 from lorabench.methods.lora.layer import lora_modules, wrap_lora
 from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.methods.targets import select
@@ -138,24 +138,6 @@ def apply(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec)
 
 # ------------------------------------------------------------------ building without a 16-bit copy
 
-def _materialize_direct(module: nn.Module, device: torch.device | str,
-                        memo: dict[int, torch.Tensor]) -> bool:
-    """Replace ``module``'s own meta parameters/buffers by empty tensors on ``device`` (tied ones once)."""
-    changed = False
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.device.type == "meta":
-            if id(param) not in memo:
-                memo[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
-                                               requires_grad=param.requires_grad)
-            setattr(module, name, memo[id(param)])
-            changed = True
-    for name, buf in list(module.named_buffers(recurse=False)):
-        if buf is not None and buf.device.type == "meta":
-            module._buffers[name] = torch.empty_like(buf, device=device)
-            changed = True
-    return changed
-
-
 def materialize(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec, *, device: str,
                 seed: int = 0) -> nn.Module:
     """The causal LM (built on meta by the runtime) with its quantizable linears in NF4 on ``device``,
@@ -171,15 +153,11 @@ def materialize(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: Trai
     memo: dict[int, torch.Tensor] = {}
     for path, module in list(model.named_modules()):
         if path in targets:
-            _materialize_direct(module, device, memo)
+            materialize_direct(module, device, memo)
             with torch.no_grad():
                 model._init_weights(module)
             replace_module(model, path, quantize_linear(module, cfg))
-    for module in model.modules():
-        if not is_4bit(module) and _materialize_direct(module, device, memo):
-            with torch.no_grad():
-                model._init_weights(module)
-    return model
+    return init_on_device(model, device, memo, skip=is_4bit)
 
 
 # ------------------------------------------------------------------ merging
