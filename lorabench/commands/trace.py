@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "beside the planner's prediction.")
     add_plan_args(p)
     add_format_arg(p)
+    p.add_argument("--stack", choices=("lorabench", "peft"), default=None,
+                   help="whose modules to trace: lorabench's (default) or PEFT's (LoRA; the default with a PEFT "
+                        "recipe such as hf-lora)")
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list the N largest activation tensors live at the peak (op, module, shape, dtype)")
     p.add_argument("--by-module", action="store_true",
@@ -42,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from lorabench.progress import elapsed
 
     keep = args.top > 0 or args.by_module
+    stack = _stack(args, method)
     with elapsed(f"tracing {model.name} {method.name} (2 fake-tensor steps)", enabled=args.format in ("table", "markdown")):
-        result = trace(model, method, train, keep_storages=keep)
+        result = trace(model, method, train, keep_storages=keep, stack=stack)
     pred = predict(model, method, train)
     predicted = to_trace_categories(pred.components)
     rows = comparison_rows(predicted, result.components, pred.peak_allocated_bytes, result.peak_bytes)
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         extra: dict[str, Any] = {"model": model.name, "method": method.to_dict(), "traced": result.to_dict(),
                                  "phase_peak_bytes": result.phase_peak_bytes, "predicted_phase": pred.phase,
-                                 "note": result.note}
+                                 "note": result.note, "stack": stack}
         if args.top:
             extra["peak_tensors"] = [_tensor_row(s, raw=True) for s in activations[:args.top]]
         if args.by_module:
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{model.display} ({human_count(model.total_params)} params) | {method.name} | "
               f"b={train.micro_batch_size} s={train.seq_len} {train.label}"
               f"{' ckpt' if train.gradient_checkpointing else ''} {train.attention} {train.optimizer.name} | "
-              f"traced peak in {result.phase}, predicted in {pred.phase} | trace {result.seconds:.1f} s")
+              f"{stack} modules | traced peak in {result.phase}, predicted in {pred.phase} | trace {result.seconds:.1f} s")
     print(render(rows, args.format))
     if args.format in ("table", "markdown"):
         print("traced peak per phase: " + ", ".join(f"{phase} {human_bytes(n)}"
@@ -79,6 +83,21 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(f"note: {result.note}")
     return 0
+
+
+def _stack(args: argparse.Namespace, method: Any) -> str:
+    """--stack, else PEFT's modules when a PEFT recipe traces LoRA (PEFT's QLoRA layers, bitsandbytes', cannot
+    be built under fake tensors: lorabench's NF4 layer, byte-identical, stands in)."""
+    from lorabench.commands.common import recipe_of
+    from lorabench.runtime.peft_stack import supports
+
+    if args.stack is not None:
+        if args.stack == "peft" and not supports(method):
+            raise UserError(f"--stack peft traces LoRA only, not {method.name}",
+                            "use --stack lorabench (the default) for the other methods")
+        return str(args.stack)
+    recipe = recipe_of(args)
+    return "peft" if recipe is not None and recipe.stack == "peft" and supports(method) else "lorabench"
 
 
 def comparison_rows(predicted: dict[str, int], traced: dict[str, int], predicted_peak_bytes: int,

@@ -80,7 +80,7 @@ class TraceResult:
 
 def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps: int = 2,
           fake: bool = True, warm_start: bool = True, keep_storages: bool = False,
-          as_on_cuda: bool = True) -> TraceResult:
+          as_on_cuda: bool = True, stack: str = "lorabench") -> TraceResult:
     """Trace ``steps`` training steps of the full-size model under fake tensors and return the peak.
 
     Args:
@@ -93,6 +93,7 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
             op); False traces what a CPU run does (the runner's CPU jobs, ``trace=true``).
         keep_storages: also return the storages live at the peak, labeled with the module that made them
             (a diagnostic: adds module hooks and a snapshot at every new peak, ~10-20% slower).
+        stack: ``lorabench`` (its own method modules) or ``peft`` (PEFT's, :mod:`lorabench.runtime.peft_stack`).
 
     Raises:
         UserError: a sharded/multi-GPU set-up, or a model or method the tracer cannot build or run.
@@ -102,7 +103,7 @@ def trace(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *, steps:
             "drop --gpus/--sharding, or use `lorabench plan` for sharded set-ups")
     start = time.perf_counter()
     tracker = _run_tracked(spec, method_cfg, train, steps, fake=fake, warm_start=warm_start,
-                           configure=_keep_storages if keep_storages else None, as_on_cuda=as_on_cuda)
+                           configure=_keep_storages if keep_storages else None, as_on_cuda=as_on_cuda, stack=stack)
     return TraceResult(components=dict(tracker.peak_breakdown), peak_bytes=tracker.peak_bytes,
                        phase=tracker.peak_phase, seconds=time.perf_counter() - start,
                        phase_peak_bytes=dict(tracker.phase_peak_bytes), note=DEVICE_NOTE if fake else REAL_NOTE,
@@ -152,12 +153,12 @@ def _fold_layer_index(module: str) -> str:
 def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, steps: int, *, fake: bool,
                  warm_start: bool = True,
                  configure: Callable[[MemoryTracker, torch.nn.Module], None] | None = None,
-                 as_on_cuda: bool = True) -> MemoryTracker:
+                 as_on_cuda: bool = True, stack: str = "lorabench") -> MemoryTracker:
     """Build the model (fake or real CPU), then run ``steps`` tracked training steps; returns the tracker."""
     # Real inputs are allowed (and faked per op): bitsandbytes' 8-bit optimizers keep their shared quantization
     # maps as real CPU tensors built in the constructor, which cannot run under fake mode (it reads values).
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    model = _build(spec, method_cfg, train, fake_mode)
+    model = _build(spec, method_cfg, train, fake_mode, stack)
     model.train()
     batch = synthetic_batch(spec.vocab_size, train.micro_batch_size, train.seq_len)
     if fake_mode is not None:
@@ -195,13 +196,15 @@ def _first_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- building the model
 def _build(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec,
-           fake_mode: FakeTensorMode | None) -> torch.nn.Module:
-    """The model with the method applied: on meta, then every tensor a fake CPU tensor of ``fake_mode``; or
-    on the real CPU device when ``fake_mode`` is None."""
+           fake_mode: FakeTensorMode | None, stack: str = "lorabench") -> torch.nn.Module:
+    """The model with the method applied (by lorabench's modules, or PEFT's for ``stack="peft"``): on meta,
+    then every tensor a fake CPU tensor of ``fake_mode``; or on the real CPU device when ``fake_mode`` is None."""
     from lorabench.runtime.build import prepare_model
+    from lorabench.runtime.peft_stack import build_peft_model
 
+    builder = build_peft_model if stack == "peft" else prepare_model
     try:
-        model = prepare_model(spec, method_cfg, train, device="meta" if fake_mode is not None else "cpu")
+        model = builder(spec, method_cfg, train, device="meta" if fake_mode is not None else "cpu")
     except UserError:
         raise
     except Exception as err:

@@ -99,7 +99,10 @@ def test_recipe_within_3pct_of_trace(recipe: str) -> None:
     args = build_parser().parse_args(["plan", "--model", "qwen2.5-0.5b", "--recipe", recipe, "--batch", "2",
                                       "--seq-len", "128"])
     spec, cfg, train = specs_from_args(args)
-    pred, traced = predict(spec, cfg, train), trace(spec, cfg, train)
+    # hf-lora is traced with PEFT's own LoRA modules (the code its users run); QLoRA's bitsandbytes layers
+    # cannot be built under fake tensors, so lorabench's byte-identical NF4 layer stands in for them.
+    stack = "peft" if recipe == "hf-lora" else "lorabench"
+    pred, traced = predict(spec, cfg, train), trace(spec, cfg, train, stack=stack)
     err = (pred.peak_allocated_bytes - traced.peak_bytes) / traced.peak_bytes
     assert abs(err) <= 0.03, f"peak {pred.peak_allocated_bytes / MiB:.1f} vs traced {traced.peak_bytes / MiB:.1f} MiB"
     want = to_trace_categories(pred.components)

@@ -1,0 +1,35 @@
+"""Tracing PEFT's own LoRA modules (--stack peft): the same bytes as lorabench's modules and the planner."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorabench.catalog import load_model
+from lorabench.errors import UserError
+from lorabench.memory.planner import predict
+from lorabench.methods import make_config
+from lorabench.specs import TrainSpec
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("tr", [dict(weights_dtype="bf16", autocast="bf16"),
+                                dict(precision="bf16", gradient_checkpointing=True)])
+def test_peft_lora_trace_equals_lorabench_trace_and_plan(tr: dict) -> None:
+    from lorabench.runtime.trace import trace
+
+    spec = load_model("tiny-llama")
+    cfg = make_config("lora", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"})
+    train = TrainSpec(micro_batch_size=2, seq_len=64, **tr)
+    peft, own = trace(spec, cfg, train, stack="peft"), trace(spec, cfg, train)
+    assert peft.components["weights_trainable"] == own.components["weights_trainable"]
+    assert abs(peft.peak_bytes - own.peak_bytes) <= 0.001 * own.peak_bytes
+    if not train.gradient_checkpointing:  # (the planner on Qwen2.5-0.5B: tests/runtime/test_trace_accuracy.py)
+        assert abs(predict(spec, cfg, train).peak_allocated_bytes - peft.peak_bytes) <= 0.03 * peft.peak_bytes
+
+
+def test_peft_stack_is_lora_only() -> None:
+    from lorabench.runtime.peft_stack import build_peft_model
+
+    with pytest.raises(UserError, match="LoRA only"):
+        build_peft_model(load_model("tiny-llama"), make_config("qlora"), TrainSpec())
