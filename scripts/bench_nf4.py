@@ -1,7 +1,8 @@
 """Micro-benchmark: NF4 quantize/dequantize of one weight, lorabench vs bitsandbytes, side by side.
 
 Times ``quantize`` (double quantization on) and ``dequantize`` (to the weight dtype) of a
-``--rows x --cols`` weight (default 4096 x 4096, bf16) on the CPU and, when present, on CUDA.
+``--rows x --cols`` weight (default 4096 x 4096, bf16) on the CPU and, when present, on CUDA, where the Triton
+kernel (``lorabench-triton``, dequantize only) is timed beside the torch path (``lorabench``) and bitsandbytes.
 Reports the median time and the effective bandwidth ``(bytes read + bytes written) / time``:
 
 - dequantize reads the NF4 storage (``nf4_storage_bytes``: packed codes + absmax codes + nested absmax
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lorabench.quant import triton_nf4  # noqa: E402
 from lorabench.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 from lorabench.quant.sizes import nf4_storage_bytes  # noqa: E402
 
@@ -57,6 +59,8 @@ def _backends(w: torch.Tensor, no_bnb: bool) -> dict[str, tuple[Callable[[], Any
     """name -> (quantize fn, dequantize fn) for each available backend."""
     q = quantize_nf4(w, double_quant=True)
     out = {"lorabench": (lambda: quantize_nf4(w, double_quant=True), lambda: dequantize_nf4(q))}
+    if w.device.type == "cuda" and triton_nf4.can_run_on(w.device):  # the Triton kernel (dequantize only)
+        out["lorabench-triton"] = (None, lambda: triton_nf4.dequantize_nf4_triton(q))
     if no_bnb:
         return out
     try:
@@ -86,6 +90,8 @@ def run(rows: int, cols: int, dtype: torch.dtype, devices: list[torch.device], w
         for name, (quantize, dequantize) in _backends(w, no_bnb).items():
             for op, fn, moved_bytes in (("quantize", quantize, weight_bytes + nf4_bytes),
                                         ("dequantize", dequantize, nf4_bytes + weight_bytes)):  # fmt: skip
+                if fn is None:
+                    continue
                 seconds = _time_s(fn, device, warmup, repeats)
                 records.append({"device": str(device), "backend": name, "op": op,
                                 "time_ms": seconds * 1e3, "bytes_moved": moved_bytes,

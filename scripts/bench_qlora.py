@@ -44,10 +44,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "qlora-lorabench": ("qlora", {"backend": "lorabench"}),
+    "qlora-lorabench": ("qlora", {"backend": "lorabench", "dequant": "triton"}),
+    "qlora-lorabench-torch": ("qlora", {"backend": "lorabench", "dequant": "torch"}),
     "qlora-bitsandbytes": ("qlora", {"backend": "bitsandbytes"}),
+    "qlora-peft-bitsandbytes": ("qlora", {"backend": "bitsandbytes"}),
     "lora-bf16": ("lora", {}),
 }
+"""``qlora-lorabench`` is the Triton path (CUDA only: skipped on the CPU, where the op computes with torch);
+``qlora-peft-bitsandbytes`` is the stack people run: bitsandbytes ``Linear4bit`` layers with ``peft.get_peft_model``
+(PEFT's bnb LoRA layer, fp32 adapters); ``qlora-bitsandbytes`` is the same bitsandbytes layers under lorabench's
+LoRA layer."""
+CUDA_ONLY = {"qlora-lorabench"}
+PEFT_VARIANTS = {"qlora-peft-bitsandbytes"}
 CPU_NOTE = ("device cpu: a dry run of the benchmark's code path. Absolute times, tokens/s and GB/s are CPU "
             "figures, NOT GPU figures, and the ratios reflect CPU kernels; never quote them as GPU results.")
 
@@ -101,7 +109,8 @@ def measure_variant(name: str, spec: Any, method: Any, train: Any, device: str, 
 
     release(device)
     t0 = time.perf_counter()
-    model = prepare_model(spec, method, train, device=device, seed=seed)
+    model = (peft_qlora_model(spec, method, train, device, seed) if name in PEFT_VARIANTS
+             else prepare_model(spec, method, train, device=device, seed=seed))
     sync(device)
     build_s = time.perf_counter() - t0
     build_peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
@@ -117,7 +126,7 @@ def measure_variant(name: str, spec: Any, method: Any, train: Any, device: str, 
         step_tracker = tracker if i < untimed else None
         sync(device)
         start = time.perf_counter()
-        losses += train_steps(model, batch, optimizer, 1, tracker=step_tracker)
+        losses += train_steps(model, batch, optimizer, 1, tracker=step_tracker, loss=train.loss)
         sync(device)
         if i >= untimed:
             times_s.append(time.perf_counter() - start)
@@ -142,11 +151,36 @@ def measure_variant(name: str, spec: Any, method: Any, train: Any, device: str, 
     return out
 
 
+def peft_qlora_model(spec: Any, method: Any, train: Any, device: str, seed: int) -> Any:
+    """The bitsandbytes + PEFT stack: the 16-bit model, its quantizable linears replaced by bitsandbytes
+    ``Linear4bit``, then ``peft.get_peft_model`` with the same LoRA (targets, r, alpha, no dropout)."""
+    import peft
+
+    from lorabench.methods.common import freeze, replace_module
+    from lorabench.methods.qlora.layer import quantize_linear, quantized_paths
+    from lorabench.methods.targets import select
+    from lorabench.runtime.build import build_model
+
+    model = build_model(spec, train, device=device, seed=seed)
+    for path in quantized_paths(model, spec):
+        replace_module(model, path, quantize_linear(model.get_submodule(path), method))
+    freeze(model)
+    targets = sorted({m.leaf for m in select(spec, method.target_modules, (), method.name)})
+    config = peft.LoraConfig(r=method.r, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """tokens/s and peak ratios: lorabench / bitsandbytes, and each QLoRA backend / bf16 LoRA."""
+    """tokens/s and peak ratios: lorabench (Triton and torch paths) / bitsandbytes (+ PEFT), each QLoRA / bf16 LoRA."""
     pairs = {"lorabench_over_bitsandbytes": ("qlora-lorabench", "qlora-bitsandbytes"),
+             "lorabench_over_peft_bitsandbytes": ("qlora-lorabench", "qlora-peft-bitsandbytes"),
+             "lorabench_torch_over_peft_bitsandbytes": ("qlora-lorabench-torch", "qlora-peft-bitsandbytes"),
+             "lorabench_triton_over_torch": ("qlora-lorabench", "qlora-lorabench-torch"),
              "qlora_lorabench_over_lora_bf16": ("qlora-lorabench", "lora-bf16"),
-             "qlora_bitsandbytes_over_lora_bf16": ("qlora-bitsandbytes", "lora-bf16")}
+             "qlora_lorabench_torch_over_lora_bf16": ("qlora-lorabench-torch", "lora-bf16"),
+             "qlora_bitsandbytes_over_lora_bf16": ("qlora-bitsandbytes", "lora-bf16"),
+             "qlora_peft_bitsandbytes_over_lora_bf16": ("qlora-peft-bitsandbytes", "lora-bf16")}
     out: dict[str, float] = {}
     for key, (a, b) in pairs.items():
         if a in results and b in results:
@@ -207,6 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every variant")
+    p.add_argument("--loss", choices=("hf", "chunked"), default="hf", help="the loss of every variant")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--warmup", type=int, default=5)
@@ -242,9 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_qlora: unknown variant(s) {unknown}; use {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     with_bnb = bnb_available()
-    if not with_bnb and "qlora-bitsandbytes" in names:
-        print("bench_qlora: bitsandbytes does not import: qlora-bitsandbytes skipped", file=sys.stderr)
-        names.remove("qlora-bitsandbytes")
+    skipped: dict[str, str] = {}
+    for name in list(names):
+        if not with_bnb and "bitsandbytes" in name:
+            skipped[name] = "bitsandbytes does not import"
+        elif name in CUDA_ONLY and args.device != "cuda":
+            skipped[name] = "the Triton kernel runs on CUDA (on the CPU its op computes with torch: no Triton figure)"
+        elif name in PEFT_VARIANTS and importlib.util.find_spec("peft") is None:
+            skipped[name] = "peft is not installed"
+    for name, why in skipped.items():
+        print(f"bench_qlora: {name} skipped: {why}", file=sys.stderr)
+        names.remove(name)
     if args.device == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     spec = load_model(args.model)
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_hf_config({**spec.hf_config, **overrides}, name=spec.name, display=spec.display)
     gpu = resolve_gpu(args.device, args.gpu)
     train = TrainSpec(micro_batch_size=args.batch, seq_len=args.seq_len, precision="bf16",
-                      gradient_checkpointing=args.checkpointing, optimizer=OptimizerSpec("adamw"))
+                      gradient_checkpointing=args.checkpointing, optimizer=OptimizerSpec("adamw"), loss=args.loss)
     lora_knobs = {"r": args.r, "lora_alpha": args.lora_alpha, "target_modules": "all-linear"}
     results: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -268,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {"model": spec.name, "device": args.device, "gpu": gpu.name if gpu else None,
                    "micro_batch_size": args.batch, "seq_len": args.seq_len, "precision": "bf16",
-                   "gradient_checkpointing": args.checkpointing, "optimizer": "adamw", "r": args.r,
+                   "gradient_checkpointing": args.checkpointing, "loss": args.loss, "optimizer": "adamw", "r": args.r,
                    "lora_alpha": args.lora_alpha, "target_modules": "all-linear", "warmup_steps": args.warmup,
                    "timed_steps": args.steps, "seed": args.seed, "cpu_threads": torch.get_num_threads()},
         "note": CPU_NOTE if args.device == "cpu" else None,
         "variants": list(results.values()),
+        "skipped_variants": skipped,
         "ratios": ratios(results),
         "nf4_dequantize": nf4_dequantize(args.device, args.nf4_rows, args.nf4_cols, args.nf4_repeats, with_bnb, gpu),
         "env": records.environment(args.device),
