@@ -189,6 +189,15 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def nested(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{"a.tokens_per_s": x}`` as ``{"a": {"tokens_per_s": x}}`` (addressable by dotted keys)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        pair, metric = key.rsplit(".", 1)
+        out.setdefault(pair, {})[metric] = value
+    return out
+
+
 def nf4_dequantize(device: str, rows: int, cols: int, repeats: int, with_bnb: bool, gpu: Any) -> list[dict[str, Any]]:
     """Dequantize rows of scripts/bench_nf4.py's run(), with the fraction of the GPU's catalog bandwidth."""
     import torch
@@ -318,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": list(results.values()),
         "skipped_variants": skipped,
         "ratios": ratios(results),
+        "ratio_table": nested(ratios(results)),
         "nf4_dequantize": nf4_dequantize(args.device, args.nf4_rows, args.nf4_cols, args.nf4_repeats, with_bnb, gpu),
         "env": records.environment(args.device),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

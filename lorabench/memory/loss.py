@@ -8,7 +8,7 @@
 - ``chunked``: :mod:`lorabench.runtime.loss`: the lm_head matmul and the cross-entropy run over chunks of
   :func:`chunk_tokens` tokens, and each chunk's gradients (w.r.t. the hidden states and, when it trains,
   lm_head's weight) are formed right away, in the forward, as Liger-Kernel's fused linear cross-entropy does
-  (Hsu et al. 2024, arXiv:2410.10989, Sec. 3.3): no full-sequence logits ever exist.
+  (Hsu et al. 2024, arXiv:2410.10989, Sec. 3.2, "Fused Linear Cross Entropy"): no full-sequence logits ever exist.
 """
 
 from __future__ import annotations

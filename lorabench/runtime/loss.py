@@ -4,7 +4,7 @@ transformers computes ``logits = lm_head(h)`` for all ``T = b*s`` tokens (``T x 
 upcasts them to fp32 and runs ``cross_entropy`` (``ForCausalLMLoss``): three to four ``T x V`` buffers live
 at once. :class:`ChunkedLinearCrossEntropy` runs over chunks of ``c`` tokens
 (:func:`lorabench.memory.loss.chunk_tokens`) and forms each chunk's gradients in the forward (the approach
-of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989, Sec. 3.3)::
+of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989, Sec. 3.2, "Fused Linear Cross Entropy")::
 
     z     = float(h_c W^T)                       compute-dtype matmul, fp32 logits (cap * tanh(z / cap) if capped)
     loss += sum_valid(log(sum exp(z - m)) + m - z[target])
@@ -120,8 +120,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside ``model`` (the model itself, or a wrapper's ``.model``)."""
-    for module in (model, getattr(model, "module", None), getattr(model, "model", None)):
+    """The transformers causal LM inside ``model`` (itself, PEFT's base model, DDP's ``.module``, a wrapper's ``.model``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    for module in (base, model, getattr(model, "module", None), getattr(model, "model", None)):
         if module is not None and hasattr(module, "get_output_embeddings") and hasattr(module, "config") \
                 and module.get_output_embeddings() is not None:
             return module
@@ -160,4 +161,4 @@ def install_chunked_loss(model: torch.nn.Module) -> Iterator[None]:
         if had_loss:
             lm._loss_function = old_loss
         else:
-            del lm._loss_function
+            vars(lm).pop("_loss_function", None)

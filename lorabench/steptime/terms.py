@@ -154,9 +154,36 @@ def head_and_loss(model: ModelSpec, train: TrainSpec, trains_base: bool) -> tupl
     t, h, v = train.tokens_per_step, model.hidden_size, model.vocab_size
     e, p = DTYPE_BYTES[train.compute_dtype], DTYPE_BYTES[train.param_dtype]
     norm_b, norm_k = _norm_bytes_per_elem(model, e)
-    fwd = Work(0.0, t * v * (e + 4 + 12) + t * h * (norm_b + p), HEAD_FORWARD_OPS)
     emb_bwd = (v * h * p + 2 * t * h * p) if trains_base else 0.0
+    if train.loss == "chunked":
+        return _chunked_loss(model, train, norm_b, emb_bwd)
+    fwd = Work(0.0, t * v * (e + 4 + 12) + t * h * (norm_b + p), HEAD_FORWARD_OPS)
     bwd = Work(0.0, t * v * (4 + 12 + 4 + e) + 2 * t * h * norm_b + emb_bwd, HEAD_BACKWARD_OPS)
+    return fwd, bwd
+
+
+#: aten ops per chunk of lorabench's chunked loss (lorabench/runtime/loss.py ``_chunk``): the lm_head mm,
+#: float, amax, sub_, gather, exp_, sum, log, sub, mul, sum, div_, scatter_add_, mul_, cast, the dh mm and
+#: its copy (+ the dW addmm and its casts when lm_head trains).
+CHUNKED_LOSS_OPS_PER_CHUNK = 17
+
+
+def _chunked_loss(model: ModelSpec, train: TrainSpec, norm_b: float, emb_bwd: float) -> tuple[Work, Work]:
+    """The chunked loss (``loss=chunked``): its gradients are formed in the forward, chunk by chunk.
+
+    Per logit: float (e + 4), amax (4), sub_ (8), exp_ (8), sum (4), div_ (8), mul_ (8), the cast of the
+    gradient (4 + e): 2e + 48 bytes, all in the forward, plus writing the hidden-state gradient (T h e); the
+    backward only scales that gradient in place (2 T h e). The lm_head matmuls keep their FLOPs (counted with
+    the dense work); soft-capping's extra passes are not modelled.
+    """
+    from lorabench.memory.loss import chunk_tokens
+
+    t, h, v = train.tokens_per_step, model.hidden_size, model.vocab_size
+    e, p = DTYPE_BYTES[train.compute_dtype], DTYPE_BYTES[train.param_dtype]
+    chunks = -(-t // chunk_tokens(t, v))
+    fwd = Work(0.0, t * v * (2 * e + 48) + t * h * (norm_b + p + e),
+               HEAD_FORWARD_OPS + CHUNKED_LOSS_OPS_PER_CHUNK * chunks)
+    bwd = Work(0.0, 2 * t * h * e + 2 * t * h * norm_b + emb_bwd, HEAD_BACKWARD_OPS)
     return fwd, bwd
 
 
