@@ -17,7 +17,7 @@ from lorabench.commands.common import (add_cost_args, add_format_arg, add_model_
                                       knobs_with_recipe, train_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
-from lorabench.methods import METHOD_NAMES, make_config
+from lorabench.methods import CONFIGS, METHOD_NAMES, make_config
 from lorabench.render import render
 from lorabench.units import gib, human_count
 
@@ -52,7 +52,7 @@ def _evaluate(model: Any, name: str, args: argparse.Namespace, gpu: Any, budget:
 
 def _row(model: Any, ev: dict, gpu: Any, budget: Any, breakdown: bool) -> dict[str, str]:
     pred, method = ev["pred"], ev["method"]
-    row = {"method": method.name, "precision": ev["train"].precision,
+    row = {"method": ev.get("label", method.name), "precision": ev["train"].precision,
            "trainable": f"{human_count(pred.trainable_params)} ({100 * pred.trainable_params / model.total_params:.2f}%)"}
     if breakdown:
         row.update({SHORT[c]: gib(pred.components[c], 2) for c in PLANNER_COMPONENTS})
@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     gpu = load_gpu(args.gpu or "h100-80gb")
     budget = budget_from_args(args)
     evals = {name: _evaluate(model, name, args, gpu, budget) for name in METHOD_NAMES}
+    for name in METHOD_NAMES:  # variants a method config declares (lora: dora = use_dora), after the methods
+        for label, knobs in CONFIGS[name].COMPARE_VARIANTS.items():
+            evals[label] = {**_evaluate(model, name, args, gpu, budget, knobs), "label": label}
     rows = [_row(model, ev, gpu, budget, args.breakdown) for ev in evals.values()]
     notes = ratios(model, args, gpu, budget, evals)
     if args.format == "json":

@@ -15,6 +15,8 @@ class MethodConfig:
     """Base class of the six method configs. ``name`` is the method's name everywhere (CLI, conf, records)."""
 
     name: ClassVar[str] = ""
+    COMPARE_VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Extra ``compare`` rows: label -> knobs over this method's defaults (LoRA: ``dora``)."""
     labels: ClassVar[tuple[str, ...]] = ()
     """Report labels this method's runs can carry, in display order (default: the name alone)."""
     adapter_dtype: str = "fp32"

@@ -89,6 +89,24 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """lorabench's ``Linear4bit`` or bitsandbytes' ``bnb.nn.Linear4bit``."""
+    return type(module).__name__ == "Linear4bit"
+
+
+def dequantize_module_weight(module: nn.Module) -> torch.Tensor:
+    """PEFT's ``dequantize_module_weight``: a dense layer's weight parameter itself; a 4-bit layer's weight
+    dequantized to the dtype it was quantized from (bitsandbytes' ``quant_state.dtype``)."""
+    if not is_4bit(module):
+        return module.weight
+    weight = module.weight
+    if hasattr(module, "dequantize"):  # lorabench's Linear4bit (an NF4Tensor knows its original dtype)
+        return module.dequantize(weight.dtype)
+    from lorabench.quant.bnb_backend import import_bitsandbytes
+
+    return import_bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
 class UninitLinear(nn.Linear):
     """An ``nn.Linear`` without torch's default init: its owner initialises it (and on meta nothing needs
     initialising, which keeps counting/tracing a 405B model fast)."""

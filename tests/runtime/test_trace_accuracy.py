@@ -51,6 +51,8 @@ def _four_layers(name: str) -> object:
 
     cfg = dict(load_model(name).hf_config)
     cfg["num_hidden_layers"] = 4
+    if "n_layer" in cfg:  # GPT-2's own name for it (the planner reads n_layer first)
+        cfg["n_layer"] = 4
     return spec_from_hf_config(cfg, f"{name}-4l")
 
 
@@ -68,6 +70,14 @@ PATH_CASES = [
     ("qwen2.5-0.5b", "full", {}, {"loss": "chunked", "micro_batch_size": 2, "seq_len": 512}),
     ("qwen2.5-0.5b", "qlora", {"adapter_dtype": "bf16"}, {"loss": "chunked", "gradient_checkpointing": True}),
     ("gemma-2-9b", "lora", {}, {"loss": "chunked", "attention": "eager", "micro_batch_size": 2}),
+    # DoRA: the detached norm's weight-sized transients (Llama-2-7B's 4096 x 4096 projections put the peak in
+    # the forward), fp32 and bf16 adapters, with and without checkpointing, dense and 4-bit bases, Conv1D.
+    ("llama-2-7b", "lora", {"use_dora": True}, {}),
+    ("llama-2-7b", "lora", {"use_dora": True, "adapter_dtype": "bf16"}, {"gradient_checkpointing": True}),
+    ("llama-2-7b", "qlora", {"use_dora": True, "dequant": "torch"}, {"gradient_checkpointing": True}),
+    ("qwen2.5-0.5b", "lora", {"use_dora": True, "adapter_dtype": "bf16"}, {"micro_batch_size": 2}),
+    ("qwen2.5-0.5b", "lora", {"use_dora": True}, {"micro_batch_size": 2, "gradient_checkpointing": True}),
+    ("gpt2", "lora", {"use_dora": True, "target_modules": "all-linear"}, {"micro_batch_size": 2}),
 ]
 
 

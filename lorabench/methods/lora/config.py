@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lorabench.errors import require
 from lorabench.methods.base import MethodConfig
@@ -16,6 +16,7 @@ class LoraConfig(MethodConfig):
 
     name: ClassVar[str] = "lora"
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"use_rslora": ("--rslora", "--use-rslora")}
+    COMPARE_VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {"dora": {"use_dora": True}}
     r: int = 8
     """Rank of A (r x in) and B (out x r)."""
     lora_alpha: float = 8
@@ -26,6 +27,9 @@ class LoraConfig(MethodConfig):
     """Module-name suffixes, 'all-linear', or None for PEFT's per-architecture default (q_proj, v_proj)."""
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): a trainable magnitude per output feature rescales each row of
+    W + scaling * B A to it; the detached row norm materializes a weight-sized tensor per adapted layer."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

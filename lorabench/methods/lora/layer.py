@@ -34,7 +34,9 @@ from lorabench.methods.targets import select
 from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_torch_dtype, freeze, is_conv1d,  # noqa: F401
                                       layer_module_paths, load_peft_state, module_device, replace_module,
                                       save_peft_files)
+from lorabench.methods.lora.dora import dora_delta, init_magnitude
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
+
 
 class LoraLinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update (PEFT's ``lora.Linear``).
@@ -43,11 +45,13 @@ class LoraLinear(nn.Module):
         base_layer: ``nn.Linear``, GPT-2 ``Conv1D``, or a 4-bit linear (lorabench or bitsandbytes).
         in_features, out_features: the projection's shape (``x @ W^T``: in -> out).
         r, lora_alpha, lora_dropout, use_rslora: LoRA hyper-parameters (see :class:`LoraConfig`).
+        use_dora: DoRA (:mod:`lorabench.methods.lora.dora`): a trainable ``lora_magnitude_vector`` (out_features,
+            in ``dtype``) rescales each output row of ``W + s B A`` to it.
         dtype: dtype of ``lora_A``/``lora_B`` (fp32 by default, PEFT's autocast_adapter_dtype=True).
     """
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, *, r: int,
-                 lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         device = module_device(base_layer)
@@ -59,6 +63,9 @@ class LoraLinear(nn.Module):
         self.lora_B = UninitLinear(self.r, out_features, bias=False, device=device, dtype=dtype)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.merged = False
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         if device.type != "meta":
             self.reset_lora_parameters()
 
@@ -66,6 +73,9 @@ class LoraLinear(nn.Module):
         """PEFT's init_lora_weights=True: A ~ kaiming_uniform(a=sqrt(5)), B = 0."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(init_magnitude(self))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -75,7 +85,12 @@ class LoraLinear(nn.Module):
         lora_dtype = self.lora_A.weight.dtype
         if x.dtype != lora_dtype:
             x = x.to(lora_dtype)
-        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if not self.use_dora:
+            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        elif isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            result = result + dora_delta(self, x, result)
+        else:  # PEFT: with dropout the base output is recomputed from the dropped-out input
+            result = result + dora_delta(self, self.lora_dropout(x), None)
         return result.to(result_dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -93,6 +108,8 @@ class LoraLinear(nn.Module):
         """``W0 += scaling * B A`` (transposed for Conv1D); the forward then skips the adapter."""
         if self.merged:
             return
+        if self.use_dora:
+            raise UserError("merging a DoRA adapter is not supported", "keep it unmerged, or train without use_dora")
         weight = self._dense_weight()
         with torch.no_grad():
             delta = self.delta_weight()
@@ -121,7 +138,7 @@ def wrap_lora(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: LoraConfig,
             base = model.get_submodule(path)
             wrapped = LoraLinear(base, matrix.in_features, matrix.out_features, r=cfg.r,
                                  lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 use_rslora=cfg.use_rslora, dtype=dtype)
+                                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, dtype=dtype)
             replace_module(model, path, wrapped)
 
 
@@ -161,6 +178,8 @@ def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, module in lora_modules(model):
         state[f"{name}.lora_A.weight"] = module.lora_A.weight
         state[f"{name}.lora_B.weight"] = module.lora_B.weight
+        if module.use_dora:
+            state[f"{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
     return state
 
 
@@ -175,7 +194,7 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
         "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for m in chosen), "bias": "none",
         "fan_in_fan_out": spec.traits.conv1d, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "use_dora": False,
+        "modules_to_save": None, "use_dora": cfg.use_dora,
     }
     return save_peft_files(directory, config, state)
 

@@ -16,6 +16,7 @@ from lorabench.methods.terms import adapter_dtype, base_linear, frozen_storage, 
 from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.config import LoraConfig
+from lorabench.methods.lora.dora_memory import dora_path, magnitude_params
 from lorabench.methods.targets import select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
@@ -39,13 +40,17 @@ def check(model: ModelSpec, cfg: LoraConfig) -> None:
 
 
 def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
-    """L * sum r * (in + out) over targeted linears (A: r x in, B: out x r)."""
-    return model.num_layers * sum(cfg.r * (m.in_features + m.out_features) for m in targets(model, cfg))
+    """L * sum r * (in + out) over targeted linears (A: r x in, B: out x r), + L * sum out with DoRA
+    (one magnitude per output feature)."""
+    chosen = targets(model, cfg)
+    dora = magnitude_params(chosen) if cfg.use_dora else 0
+    return model.num_layers * (sum(cfg.r * (m.in_features + m.out_features) for m in chosen) + dora)
 
 
 def largest_trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
     """The largest adapter tensor: A (r x in) or B (out x r) of a targeted matrix."""
     return max(cfg.r * max(m.in_features, m.out_features) for m in targets(model, cfg))
+
 
 def trainable_dtype(cfg: LoraConfig, train: TrainSpec) -> str:
     return adapter_dtype(cfg, train)
@@ -55,9 +60,12 @@ def storage(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[int, i
     return frozen_storage(model, train)
 
 
-def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig, dtype: str) -> Sym:
+def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig, dtype: str,
+                 weight_dtype: str = "", dequant_scratch_bytes: int | None = None) -> Sym:
     """result + lora_B(lora_A(dropout(x.to(adapter dtype)))) * scaling, cast back to the result dtype
-    (PEFT's order: cast, then dropout)."""
+    (PEFT's order: cast, then dropout); DoRA's path (:mod:`lorabench.methods.lora.dora_memory`) with use_dora."""
+    if cfg.use_dora:
+        return dora_path(g, x, base_out, m, cfg, dtype, weight_dtype or dtype, dequant_scratch_bytes)
     g.hold(base_out)  # `result` stays in a variable while the adapter path runs
     xa = g.dropout(g.to(x, dtype), cfg.lora_dropout)
     a = g.linear(xa, cfg.r, m.in_features, dtype, True)
@@ -70,5 +78,5 @@ def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig
 def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     out = base_linear(g, x, m, ctx)
     if is_target(m, targets(ctx.model, ctx.method)):
-        out = adapter_path(g, x, out, m, ctx.method, adapter_dtype(ctx.method, ctx.train))
+        out = adapter_path(g, x, out, m, ctx.method, adapter_dtype(ctx.method, ctx.train), ctx.param_dtype)
     return out

@@ -20,6 +20,7 @@ class QLoraConfig(LoraConfig):
 
     name: ClassVar[str] = "qlora"
     labels: ClassVar[tuple[str, ...]] = ("qlora", "qlora[bnb]")
+    COMPARE_VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
     target_modules: str | tuple[str, ...] | None = "all-linear"
     double_quant: bool = True
     """Quantize the fp32 absmax constants to 8 bit (blocks of 256): 0.127 vs 0.5 bits/param."""

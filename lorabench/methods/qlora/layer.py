@@ -184,6 +184,8 @@ def merge_qlora(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """
     for path, module in lora_modules(model):
         base = module.base_layer
+        if module.use_dora:
+            raise UserError("merging a DoRA adapter is not supported", "keep it unmerged, or train without use_dora")
         if not is_4bit(base):
             module.merge()
             continue

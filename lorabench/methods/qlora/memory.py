@@ -7,7 +7,7 @@ without double quantization); embeddings, norms, biases and lm_head stay in the 
 
 from __future__ import annotations
 
-from lorabench.memory.autograd import Graph, Sym
+from lorabench.memory.autograd import Graph, Sym, dequant_scratch_bytes
 from lorabench.methods.protocols import LayerCtx
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import identity as after_sublayer
@@ -57,5 +57,8 @@ def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     else:
         out = g.linear(x, m.out_features, m.in_features, ctx.param_dtype, False)
     if is_target(m, targets(ctx.model, cfg)):
-        out = adapter_path(g, x, out, m, cfg, adapter_dtype(cfg, ctx.train))
+        scratch = None
+        if m.quantizable:  # DoRA dequantizes the weight again for its norm
+            scratch = dequant_scratch_bytes(m.in_features * m.out_features) if torch_dequant(cfg) else 0
+        out = adapter_path(g, x, out, m, cfg, adapter_dtype(cfg, ctx.train), ctx.param_dtype, scratch)
     return out
