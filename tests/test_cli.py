@@ -135,3 +135,10 @@ def test_valid_args_always_plan(method: str, batch: int, seq: int, gpus: int, sh
                            "--gpus", str(gpus), "--sharding", sharding, "--gpu", "h100", "--format", "json"], capsys)
     assert code == 0, err
     assert json.loads(out)["prediction"]["device_bytes"] > 0
+
+
+def test_compare_json_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["compare", "--model", "7b", "--format", "json"], capsys)
+    rows = {r["method"]: r for r in json.loads(out)["rows"]}
+    assert rows["full"]["fits h100-80gb"] is False and rows["qlora"]["fits h100-80gb"] is True
+    assert isinstance(rows["lora"]["total GiB"], float) and isinstance(rows["lora"]["max micro-batch"], int)

@@ -19,6 +19,7 @@ from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.methods import CONFIGS, METHOD_NAMES, make_config
 from lorabench.render import render
+from lorabench.steptime.cost import summary
 from lorabench.units import gib, human_count
 
 SHORT = {"weights": "weights", "quantized_weights": "nf4", "trainable": "trainable", "gradients": "grads",
@@ -63,6 +64,18 @@ def _row(model: Any, ev: dict, gpu: Any, budget: Any, breakdown: bool) -> dict[s
     return row
 
 
+def _row_json(ev: dict, gpu: Any, budget: Any) -> dict[str, Any]:
+    """A row with numbers as numbers: bytes (int), GiB (float), the verdict (bool), the step-time fields."""
+    pred = ev["pred"]
+    row: dict[str, Any] = {"method": ev["method"].name, "precision": ev["train"].label,
+                           "trainable_params": pred.trainable_params}
+    row.update({f"{c}_bytes": pred.components[c] for c in PLANNER_COMPONENTS})
+    row.update({"total_bytes": pred.device_bytes, "total GiB": pred.device_bytes / 1024**3,
+                f"fits {gpu.name}": bool(ev["fits"]), "max micro-batch": ev["max_micro_batch"]})
+    row.update(summary(ev["step"], budget, gpu))
+    return row
+
+
 def ratios(model: Any, args: argparse.Namespace, gpu: Any, budget: Any, evals: dict[str, dict]) -> list[str]:
     """QLoRA vs LoRA with QLoRA's targets (memory saved, time added), full fine-tuning vs LoRA."""
     q = evals["qlora"]
@@ -97,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                  "methods": [{"method": ev["method"].to_dict(), "train": ev["train"].to_record(),
                               "prediction": {**ev["pred"].to_dict(), **timing.json_fields(ev["step"], budget, gpu)},
                               "fits": ev["fits"], "max_micro_batch": ev["max_micro_batch"]} for ev in evals.values()]}
-        print(render(rows, "json", extra=extra))
+        print(render([_row_json(ev, gpu, budget) for ev in evals.values()], "json", extra=extra))
         return 0
     shared = next(iter(evals.values()))["train"]
     title = (f"{model.display} ({human_count(model.total_params)} params), b={shared.micro_batch_size} s={shared.seq_len}"
