@@ -36,3 +36,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_cli_expecting_ok_or_one_line(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                     codes: tuple[int, ...] = (0, 2)) -> str:
+    """Run the CLI; it must exit with one of ``codes`` (0, or 2 with one line on stderr and no traceback).
+    Returns stderr."""
+    from lorabench.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    _, err = capsys.readouterr()
+    assert code in codes, err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorabench.cli import main
+from tests.conftest import run_cli_expecting_ok_or_one_line
 from lorabench.methods import METHOD_NAMES
 
 
@@ -115,14 +116,7 @@ _TOKENS = st.sampled_from(["--model", "--method", "--r", "--batch", "--seq-len",
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tokens=st.lists(_TOKENS, max_size=8))
 def test_cli_never_tracebacks(tokens: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        code = main(["plan", *tokens])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert code in (0, 2)
-    if code == 2:
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    run_cli_expecting_ok_or_one_line(["plan", *tokens], capsys)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from lorabench.catalog import load_model
 from lorabench.cli import main
+from tests.conftest import run_cli_expecting_ok_or_one_line
 from lorabench.errors import UserError
 from lorabench.runconfig import job_overrides
 from lorabench.sweep import CONF_DIR, check_job
@@ -27,14 +28,7 @@ LLAMA_CFG = dict(load_model("tiny-llama").hf_config)
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    _, err = capsys.readouterr()
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err
+    return run_cli_expecting_ok_or_one_line(args, capsys, codes=(2,))
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -83,14 +77,7 @@ def test_fuzzed_config_json_plans_or_is_refused(tmp_path_factory: pytest.TempPat
                                                 method: str, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path_factory.mktemp("cfg")
     (folder / "config.json").write_text(json.dumps({**LLAMA_CFG, **changes}))
-    try:
-        code = main(["plan", "--model", str(folder), "--method", method, "--seq-len", "64", "--gpu", "h100"])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    _, err = capsys.readouterr()
-    assert code in (0, 2)
-    if code == 2:
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    run_cli_expecting_ok_or_one_line(["plan", "--model", str(folder), "--method", method, "--seq-len", "64", "--gpu", "h100"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------- the runner
