@@ -48,3 +48,19 @@ def test_explicit_values_win_over_resolved_defaults(hydra_compose) -> None:
     assert (run.train.precision, run.train.attention) == ("bf16", "sdpa")
     args = build_parser().parse_args(["plan", "--model", "gemma-2-9b", "--method", "full", "--precision", "bf16"])
     assert specs_from_args(args)[2].precision == "bf16"
+
+
+def test_every_field_is_a_flag() -> None:
+    """A knob is one field: every TrainSpec field (the optimizer by name) and every method-config field has a
+    generated flag, with the field's docstring as its help."""
+    import dataclasses
+
+    from lorabench.methods import CONFIGS
+    from lorabench.specs import TrainSpec
+
+    plan = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "plan")[1]
+    helps = {a.dest: a.help or "" for a in plan._actions}
+    fields = [f.name for f in dataclasses.fields(TrainSpec)]
+    fields += [f.name for cls in CONFIGS.values() for f in dataclasses.fields(cls)]
+    assert set(fields) <= set(helps), set(fields) - set(helps)
+    assert all(helps[name].strip() and not helps[name].startswith("(") for name in fields if name != "optimizer")

@@ -1,4 +1,4 @@
-"""DoRA (use_dora on lora and qlora) vs PEFT's DoRA: same weights, same outputs and gradients; trainable
+"""DoRA (use_dora on lora and qlora) vs PEFT's DoRA: same weights, bit-identical outputs and gradients; trainable
 counts; saved adapters load in PeftModel; the 4-bit layer against PEFT's DoRA over its dequantized weight."""
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def _peft_key(key: str) -> str:
     return "base_model.model." + key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight")
 
 
-def _twin(base: Any, ours: Any, **kwargs: Any) -> Any:
-    twin = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", use_dora=True, **kwargs))
+def _twin(base: Any, ours: Any, autocast: bool = True, **kwargs: Any) -> Any:
+    """PEFT's DoRA over ``base`` with our A, B and magnitudes copied in (``autocast=False``: PEFT keeps the
+    adapters in the model's dtype, lorabench's adapter_dtype=bf16 on a bf16 model)."""
+    twin = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", use_dora=True, **kwargs),
+                               autocast_adapter_dtype=autocast)
     theirs = dict(twin.named_parameters())
     with torch.no_grad():
         for key, p in ours.named_parameters():
@@ -59,15 +62,11 @@ def test_forward_backward_and_counts_equal_peft(name: str, precision: str, knobs
     cfg = make_config("lora", {"use_dora": True, **knobs})
     ours = prepare_model(load_model(name), cfg, train, seed=0)
     _randomize(ours)
-    autocast = peft_kwargs.pop("autocast", True)
-    base = build_model(load_model(name), train, seed=0)
-    if not autocast:  # PEFT keeps the adapters in the model's dtype
-        peft_kwargs = dict(peft_kwargs)
-    twin = _twin(base, ours, **peft_kwargs) if autocast else _twin_native(base, ours, **peft_kwargs)
+    twin = _twin(build_model(load_model(name), train, seed=0), ours, **peft_kwargs)
     assert count_trainable(ours) == sum(p.numel() for p in twin.parameters() if p.requires_grad)
     assert count_trainable(ours) == predict(load_model(name), cfg, train).trainable_params
     got, want = ours(input_ids=IDS, labels=IDS), twin(input_ids=IDS, labels=IDS)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    tol = {"rtol": 0, "atol": 0}  # the same ops in the same order: bit-identical (fp32 and bf16)
     torch.testing.assert_close(got.logits, want.logits, **tol)
     got.loss.backward()
     want.loss.backward()
@@ -75,17 +74,6 @@ def test_forward_backward_and_counts_equal_peft(name: str, precision: str, knobs
     for key, p in ours.named_parameters():
         if "lora_magnitude_vector" in key or ".lora_B." in key:
             torch.testing.assert_close(p.grad, theirs[_peft_key(key)].grad, **tol)
-
-
-def _twin_native(base: Any, ours: Any, **kwargs: Any) -> Any:
-    twin = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", use_dora=True, **kwargs),
-                               autocast_adapter_dtype=False)
-    theirs = dict(twin.named_parameters())
-    with torch.no_grad():
-        for key, p in ours.named_parameters():
-            if "lora_" in key:
-                theirs[_peft_key(key)].copy_(p)
-    return twin
 
 
 def test_magnitude_starts_at_the_row_norms_of_w() -> None:
