@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if explained is not None:
         print()
         print(render(explained, args.format))
+        if step is not None and gpu is not None:
+            print()
+            print(render(timing.explain_rows(step, gpu), args.format))
     return 0
 
 

@@ -44,3 +44,31 @@ def json_fields(step: StepTime, budget: TrainingBudget, gpu: GpuSpec) -> dict[st
     out["time_components_s"] = dict(step.components_s)
     out["time_device"] = gpu.name
     return out
+
+
+#: Where each op class's formula is cited (docs/SOURCES.md anchors).
+CLASS_SOURCES = {
+    "matmul_forward": "kaplan", "matmul_input_grad": "frozen-flops", "matmul_weight_grad": "kaplan",
+    "attention": "flash-attention-flops", "recompute": "frozen-flops", "adapter": "lora", "dequant": "qlora",
+    "elementwise": "roofline", "loss": "roofline", "optimizer": "adamw-passes", "communication": "ring-collectives",
+}
+
+
+def explain_rows(step: StepTime, gpu: GpuSpec) -> list[dict[str, str]]:
+    """Per op class: its time, the work behind it, the efficiency used and where the formula comes from."""
+    cal = calibration.load(gpu.name)
+    work: dict[str, list[float]] = {}
+    for p in step.pieces:
+        w = work.setdefault(p.report_as or p.cls, [0.0, 0.0, 0.0])
+        w[0] += p.work.flops
+        w[1] += p.work.bytes
+        w[2] += p.work.kernels
+    rows = []
+    for cls, t in step.components_s.items():
+        if cls not in work or not t:
+            continue
+        flops, nbytes, ops = work[cls]
+        rows.append({"op class": cls, "time": seconds(t), "GFLOP": f"{flops / 1e9:,.1f}", "GB moved": f"{nbytes / 1e9:,.2f}",
+                     "ops": f"{ops:,.0f}", "efficiency": f"{cal.efficiency.get(cls, 0):.2f}" if cls != "recompute" else "per class",
+                     "source": f"docs/SOURCES.md#{CLASS_SOURCES[cls]}"})
+    return rows
