@@ -60,3 +60,13 @@ def test_compare_is_a_decision_table_with_ratios(capsys: pytest.CaptureFixture[s
 def test_bad_budget_flags_exit_2_in_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["plan", "--model", "7b", "--method", "lora", *args], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_explain_lists_time_per_op_class_with_sources(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorabench.commands.timing import CLASS_SOURCES
+    from tests.test_sources import _anchors
+
+    code, out, _ = _run(["plan", "--model", "7b", "--method", "qlora", "--gpu", "h100", "--checkpointing",
+                         "--explain"], capsys)
+    assert code == 0 and "recompute" in out and "docs/SOURCES.md#flash-attention-flops" in out
+    assert set(CLASS_SOURCES.values()) <= _anchors()
