@@ -34,6 +34,11 @@ def from_doc(doc: dict[str, Any]) -> TimeCalibration:
                            float(doc.get("forward_op_overhead_s", 0.0)))
 
 
+def is_fitted(device_name: str | None) -> bool:
+    """Whether conf/calibration/time-<device>.yaml exists (a fit for that device)."""
+    return device_name is not None and (CONF_DIR / "calibration" / f"time-{device_name}.yaml").is_file()
+
+
 @functools.lru_cache(maxsize=None)
 def load(device_name: str | None = None) -> TimeCalibration:
     """The fitted calibration of ``device_name`` when conf/calibration/time-<name>.yaml exists, else defaults."""

@@ -146,7 +146,9 @@ def predict_time(model: ModelSpec, method: MethodConfig, train: TrainSpec, devic
                  calibration: cal_mod.TimeCalibration | None = None) -> StepTime:
     """Predicted time of one optimizer step of ``train`` on ``device`` (per GPU; all GPUs step together)."""
     cal = calibration or cal_mod.load(device.name)
-    overhead = cal.kernel_overhead_s if calibration is not None or not device.kernel_overhead_s else device.kernel_overhead_s
+    # the per-op cost: an explicit or fitted calibration, else the device's own measurement, else the default
+    explicit = calibration is not None or cal_mod.is_fitted(device.name)
+    overhead = cal.kernel_overhead_s if explicit or not device.kernel_overhead_s else device.kernel_overhead_s
     parts = pieces(model, method, train, device)
     comps = {c: 0.0 for c in OP_CLASSES}
     for p in parts:

@@ -50,3 +50,12 @@ def test_split_keeps_repeats_of_a_config_together() -> None:
     runs = _runs(calibration.load(None))
     a, b = fit.split(runs)
     assert a and b and len(a) + len(b) == len(runs) and not {r.key for r in a} & {r.key for r in b}
+
+
+def test_a_fitted_calibration_beats_the_device_entrys_own_op_cost() -> None:
+    """plan on the CPU entry uses conf/calibration/time-<cpu>.yaml when it exists (the fitted per-op cost),
+    the same prediction the validation report scores."""
+    spec, cfg, train = load_model("tiny-llama"), make_config("lora"), TrainSpec(micro_batch_size=2, seq_len=128)
+    assert calibration.is_fitted(CPU.name)
+    implicit = predict_time(spec, cfg, train, CPU).step_time_s
+    assert implicit == pytest.approx(predict_time(spec, cfg, train, CPU, calibration.load(CPU.name)).step_time_s)
