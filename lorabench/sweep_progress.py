@@ -81,7 +81,7 @@ def _state(cfg: DictConfig, specs_of: SpecsOf) -> dict[str, Any]:
         if _STATE.get("bar") is not None:
             _STATE["bar"].close()
         progress = SweepProgress(_predictions(cfg, specs_of))
-        bar = tqdm(total=progress.total, desc=progress.line(), unit="job", file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=progress.total, desc=progress.line(), unit="job", file=sys.stderr, dynamic_ncols=True, mininterval=0,
                    bar_format="sweep {percentage:3.0f}%|{bar}| {desc}")
         _STATE.update(key=key, progress=progress, bar=bar)
     return _STATE
