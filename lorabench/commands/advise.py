@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
                                  for c in result.near_misses]}
         print(render([], "json", extra=extra))
         return 0
+    if args.format == "csv":  # one table: every fitting configuration, ranked
+        print(render([_row(i + 1, c) for i, c in enumerate(result.ranked)], "csv"))
+        return 0
     head = (f"{model.display} on {gpu.name} x{args.num_gpus}: {result.searched} configurations searched, "
             f"{len(result.ranked)} fit with {100 * args.headroom:.0f}% headroom; global batch {args.global_batch} x "
             f"{args.seq_len} tokens; ranked by {args.by}")
