@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
-from lorabench.commands.common import add_format_arg, add_model_arg, budget_from_args
+from lorabench.commands.common import add_cost_args, add_format_arg, add_model_arg, budget_from_args
 from lorabench.methods import get as get_method
 from lorabench.render import render
 from lorabench.units import gib, seconds, usd
@@ -23,13 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", dest="num_gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--global-batch", type=int, default=32, help="sequences per optimizer step (default 32)")
-    p.add_argument("--tokens", type=float, default=None, help="tokens to train on (adds time to train and cost)")
-    p.add_argument("--usd-per-hour", type=float, default=None, help="price of one GPU-hour (default: catalog)")
     p.add_argument("--by", choices=("time", "cost"), default="time", help="rank by step time (default) or cost")
     p.add_argument("--headroom", type=float, default=0.05, help="fraction of GPU memory kept free (default 0.05)")
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
     add_format_arg(p)
-    p.set_defaults(func=run, dataset_tokens=None, epochs=None)
+    add_cost_args(p)
+    p.set_defaults(func=run)
 
 
 def _knobs(c: Any) -> str:

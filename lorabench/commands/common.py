@@ -18,6 +18,7 @@ from lorabench.methods import CONFIGS, METHOD_NAMES, MethodConfig, get as get_me
 from lorabench.recipes import Recipe, check_stack, load_recipe
 from lorabench.resolve import RESOLVED_FIELDS, resolve_train, resolved_help
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, PRECISIONS, GpuSpec, ModelSpec, TrainSpec
+from lorabench.steptime.cost import BudgetFlags
 from lorabench.validation import ATTENTIONS, SHARDINGS
 
 OPTIMIZERS = OPTIMIZER_NAMES + tuple(OPTIMIZER_ALIASES)
@@ -27,6 +28,7 @@ FORMATS = ("table", "markdown", "json", "csv")
 METHOD_KNOBS: list[kn.Knob] = kn.knobs(CONFIGS)
 #: Training flags: every TrainSpec field but the optimizer (an OptimizerSpec; ``--optimizer`` takes its name).
 TRAIN_KNOBS: list[kn.Knob] = kn.knobs({"": TrainSpec}, skip=("optimizer",))
+BUDGET_KNOBS: list[kn.Knob] = kn.knobs({"": BudgetFlags})
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"precision": PRECISIONS, "attention": ATTENTIONS,
                                               "sharding": SHARDINGS, "adamw_impl": ADAMW_IMPLS,
                                               "weights_dtype": ("fp32", "bf16", "fp16"),
@@ -149,16 +151,12 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cost_args(parser: argparse.ArgumentParser) -> None:
-    """--tokens / --dataset-tokens --epochs and --usd-per-hour (time to train and cost)."""
-    g = parser.add_argument_group("time and cost")
-    g.add_argument("--tokens", type=float, default=None, help="tokens to train on (adds time to train and cost)")
-    g.add_argument("--dataset-tokens", type=float, default=None, help="tokens in the dataset (with --epochs)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over --dataset-tokens (default 1)")
-    g.add_argument("--usd-per-hour", type=float, default=None,
-                   help="price of one GPU-hour (default: the GPU's dated on-demand catalog price)")
+    """--tokens / --dataset-tokens --epochs and --usd-per-hour (generated from steptime.cost.BudgetFlags)."""
+    kn.add_knobs(parser.add_argument_group("time and cost (lorabench.steptime.cost.BudgetFlags)"), BUDGET_KNOBS)
 
 
 def budget_from_args(args: argparse.Namespace) -> Any:
     from lorabench.steptime.cost import TrainingBudget
 
-    return TrainingBudget.from_flags(args.tokens, args.dataset_tokens, args.epochs, args.usd_per_hour)
+    v = kn.values(args, BUDGET_KNOBS)
+    return TrainingBudget.from_flags(v.get("tokens"), v.get("dataset_tokens"), v.get("epochs"), v.get("usd_per_hour"))

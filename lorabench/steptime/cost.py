@@ -14,6 +14,20 @@ from lorabench.steptime.model import StepTime
 
 
 @dataclass(frozen=True)
+class BudgetFlags:
+    """The time-and-cost flags of plan/compare/advise (one flag per field, :mod:`lorabench.knobs`)."""
+
+    tokens: float | None = None
+    """tokens to train on (adds the time to train and its cost)"""
+    dataset_tokens: float | None = None
+    """tokens in the dataset (with --epochs; instead of --tokens)"""
+    epochs: float | None = None
+    """passes over --dataset-tokens (default 1)"""
+    usd_per_hour: float | None = None
+    """price of one GPU-hour (default: the GPU's dated on-demand catalog price, `lorabench gpus`)"""
+
+
+@dataclass(frozen=True)
 class TrainingBudget:
     """What the user wants to train: total tokens (dataset tokens x epochs) and an optional price override."""
 
