@@ -113,10 +113,11 @@ def test_resume_after_sigkill_records_every_job_exactly_once(tmp_path: Path) -> 
 
 
 def _is_job(process) -> bool:  # type: ignore[no-untyped-def]
-    """A job process under the sweep: a fresh ``lorabench.runtime.job`` or a fork of the sweep itself."""
+    """A job process under the sweep: a fresh ``lorabench.runtime.job``, or the job server's helper
+    (``multiprocessing.forkserver``) and the children it forks."""
     try:
         cmdline = " ".join(process.cmdline())
-        return "lorabench.runtime.job" in cmdline or "lorabench.sweep" in cmdline
+        return "lorabench.runtime.job" in cmdline or "forkserver" in cmdline
     except Exception:  # it exited meanwhile
         return False
 

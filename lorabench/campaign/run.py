@@ -225,7 +225,8 @@ def run_campaign(settings: Settings) -> Tally:
                       settings.started_at, float(campaign["overhead_guess_s"]))
         from lorabench.runtime import jobserver
 
-        print(f"job server: imports in {jobserver.shared().start():.1f} s (once)", flush=True)
+        preload = [m for _, _, specs in checked for m in jobserver.preload_for(specs.model, specs.method)]
+        print(f"job server: imports in {jobserver.shared().start(preload):.1f} s (once)", flush=True)
         run_record_jobs(settings, checked, clock, tally, settings.out_dir.parent / "campaign-jobs")
         print(run_perf(settings, campaign, clock), flush=True)
     return tally
