@@ -132,7 +132,7 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
     t_bytes = DTYPE_BYTES[t_dtype]
     shard = train.num_gpus if train.sharding != "none" else 1
     opt = terms.optimizer_step(train.optimizer, n_train // shard, hooks.trainable_tensors(model, method), t_bytes,
-                               per_tensor_loop=device.kind == "cpu")
+                               per_tensor_loop=device.kind == "cpu", impl=train.adamw_impl)
     if acc > 1:  # gradient accumulation: grad += new grad for every micro-batch after the first
         opt = opt + Work(0.0, (acc - 1) * 3 * n_train * t_bytes, (acc - 1) * hooks.trainable_tensors(model, method))
     out.append(Piece("optimizer", opt, peak, bw))

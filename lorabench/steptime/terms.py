@@ -197,7 +197,7 @@ OPTIMIZER_FOREACH_OPS = {"adamw": 8, "paged_adamw": 8, "sgd": 1, "sgd_momentum":
 
 
 def optimizer_step(optimizer: OptimizerSpec, params: int, tensors: int, param_bytes: float,
-                   per_tensor_loop: bool) -> Work:
+                   per_tensor_loop: bool, impl: str = "foreach") -> Work:
     """One optimizer step over ``params`` trainable elements in ``tensors`` tensors.
 
     8-bit Adam (Dettmers et al. 2022, arXiv:2110.02861; bitsandbytes' fused blockwise kernel): reads p and
@@ -208,7 +208,12 @@ def optimizer_step(optimizer: OptimizerSpec, params: int, tensors: int, param_by
     name = optimizer.name
     if name.endswith("8bit"):
         return Work(0.0, params * (3 * param_bytes + 4 + 4 / 256 * 2), tensors)
+    passes = OPTIMIZER_PASSES.get(name, 20)
+    if impl == "fused" and name in ("adamw", "paged_adamw"):  # one kernel per ~48 tensors, 7 passes
+        return Work(0.0, params * param_bytes * 7, tensors if per_tensor_loop else -(-tensors // 48))
+    if impl == "for-loop":  # the per-parameter loop: the same passes, every op once per tensor
+        return Work(0.0, params * param_bytes * passes, OPTIMIZER_FOREACH_OPS.get(name, 8) * tensors)
     ops = OPTIMIZER_FOREACH_OPS.get(name, 8)
     # on the CPU torch's foreach path also reads each tensor's step counter back (2 scalar ops per tensor)
     launches = ops + 6 + 2 * tensors if per_tensor_loop else ops * -(-tensors // 48)
-    return Work(0.0, params * param_bytes * OPTIMIZER_PASSES.get(name, 20), launches)
+    return Work(0.0, params * param_bytes * passes, launches)

@@ -106,3 +106,12 @@ def test_mfu_and_cost_arithmetic() -> None:
     assert out["cost_usd"] == pytest.approx(out["train_time_s"] / 3600 * H100.usd_per_hour)
     assert cost_usd(7200, 2.0, 4) == 16.0
     assert TrainingBudget.from_flags(None, 5e8, 3, None).tokens == 1.5e9
+
+
+def test_fused_adamw_moves_fewer_bytes_and_autocast_casts_wide_weights() -> None:
+    fused = terms.optimizer_step(OptimizerSpec("adamw"), 1000, 4, 4, per_tensor_loop=False, impl="fused")
+    assert fused.bytes == 1000 * 4 * 7 and fused.kernels == 1
+    plain, _ = terms.layer_elementwise(TINY, TRAIN)
+    mixed, _ = terms.layer_elementwise(TINY, replace(TRAIN, precision="bf16-mixed"))
+    hf, _ = terms.layer_elementwise(TINY, replace(TRAIN, precision="bf16", weights_dtype="fp32", autocast="bf16"))
+    assert mixed.bytes > plain.bytes and hf.bytes == mixed.bytes  # fp32 weights cast once per forward
