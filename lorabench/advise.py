@@ -3,7 +3,8 @@ Pareto set of memory vs time (torch-free; the planner and the step-time model, n
 
 Knobs searched: the method and its main knobs (LoRA/QLoRA rank and targets, QLoRA's 4-bit backend),
 gradient checkpointing, micro-batch x gradient accumulation at a fixed global batch, the optimizer (AdamW,
-8-bit, paged 8-bit), the adapter dtype (fp32 as PEFT upcasts, or bf16) and, over several GPUs, the ZeRO stage.
+8-bit, paged 8-bit), the adapter dtype (fp32 as PEFT upcasts, or bf16), over several GPUs the ZeRO stage, and
+every recipe (conf/recipe/*.yaml) that selects a method, with the knobs its stack sets.
 Memory grows with the micro-batch, so each combination is walked by increasing micro-batch and stops at the
 first that does not fit (it becomes a "nearest non-fitting" candidate).
 """
@@ -43,6 +44,8 @@ class Candidate:
     headroom_bytes: int
     tokens: float | None = None
     usd_per_gpu_hour: float | None = None
+    recipe: str = ""
+    """The conf/recipe/*.yaml bundle this configuration is (its knobs are the recipe's), "" for none."""
 
     @property
     def train_time_s(self) -> float | None:
@@ -131,11 +134,51 @@ def search(model: ModelSpec, gpu: GpuSpec, seq_len: int = 2048, global_batch: in
                 break
             fitting.append(cand)
         if progress:
-            progress(i + 1, len(combos))
+            progress(i + 1, len(combos) + 1)
+    for cand in _recipe_candidates(model, gpu, budget, seq_len, global_batch, num_gpus, batches, tokens, price):
+        searched += 1
+        (fitting if cand.fits else misses).append(cand)
+    if progress:
+        progress(len(combos) + 1, len(combos) + 1)
     key = (lambda c: c.cost_usd or c.step.step_time_s) if by == "cost" and price is not None and tokens \
         else (lambda c: c.step.step_time_s)
     ranked = sorted(fitting, key=key)
     return Advice(ranked, pareto(ranked), _nearest(misses, ranked), searched, by, headroom)
+
+
+def _recipe_candidates(model: ModelSpec, gpu: GpuSpec, budget: GpuSpec, seq_len: int, global_batch: int,
+                       num_gpus: int, batches: list[int], tokens: float | None, price: float | None) -> list[Candidate]:
+    """Each recipe that selects a method (conf/recipe/*.yaml, its knobs as the stack sets them), walked by
+    micro-batch like the other combinations (stops at the first that does not fit); stacks' refusals skipped."""
+    from lorabench.errors import UserError
+    from lorabench.recipes import check_stack, load_recipe, recipe_names
+    from lorabench.resolve import resolve_train
+
+    out: list[Candidate] = []
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        if recipe.method is None:
+            continue
+        try:
+            method = make_config(recipe.method, recipe.method_knobs)
+        except UserError:
+            continue
+        for b in batches:
+            fields = {**recipe.train, "micro_batch_size": b, "seq_len": seq_len, "num_gpus": num_gpus,
+                      "grad_accum_steps": global_batch // (num_gpus * b)}
+            try:
+                train = resolve_train(fields, recipe.method, model, recipe.optimizer)
+                check_stack(recipe.stack, method, train, get_method(recipe.method).estimator)
+            except UserError:
+                break
+            pred = predict(model, method, train, gpu)
+            verdict = fits(pred, budget)
+            cand = Candidate(method, train, pred, predict_time(model, method, train, gpu), verdict.fits,
+                             verdict.headroom_bytes, tokens, price, recipe=name)
+            out.append(cand)
+            if not verdict.fits:
+                break
+    return out
 
 
 def pareto(cands: list[Candidate]) -> list[Candidate]:
@@ -179,6 +222,15 @@ def _knob_flags(method: MethodConfig) -> tuple[list[str], list[str]]:
 def commands(model: ModelSpec, gpu: GpuSpec, c: Candidate) -> tuple[str, str]:
     """The exact ``lorabench plan`` and ``lorabench run`` that reproduce a candidate."""
     t = c.train
+    if c.recipe:
+        plan = f"lorabench plan --model {model.name} --recipe {c.recipe} --batch {t.micro_batch_size} --seq-len {t.seq_len}"
+        run = (f"lorabench run model={model.name} recipe={c.recipe} train.micro_batch_size={t.micro_batch_size} "
+               f"train.seq_len={t.seq_len}")
+        if t.grad_accum_steps > 1:
+            plan += f" --grad-accum {t.grad_accum_steps}"
+            run += f" train.grad_accum_steps={t.grad_accum_steps}"
+        return plan + f" --gpu {gpu.name}" + (f" --gpus {t.num_gpus}" if t.num_gpus > 1 else ""), \
+            run + f" gpu={gpu.name}" + (f" train.num_gpus={t.num_gpus}" if t.num_gpus > 1 else "")
     flags, overrides = _knob_flags(c.method)
     plan = [f"lorabench plan --model {model.name} --method {c.method.name}", *flags,
             f"--batch {t.micro_batch_size} --seq-len {t.seq_len} --precision {t.precision}"]

@@ -75,3 +75,16 @@ def test_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["advise", "--model", "7b", "--gpu", "h100", "--gpus", "3"]) == 2
     err = capsys.readouterr().err
     assert "not a multiple of --gpus 3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipes_are_searched_and_their_commands_reproduce_them(result: advise.Advice,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    recipes = [c for c in result.ranked if c.recipe]
+    assert {c.recipe for c in recipes} >= {"hf-lora", "qlora-paper"}
+    cand = recipes[0]
+    plan, run = advise.commands(MODEL, GPU, cand)
+    assert f"--recipe {cand.recipe}" in plan and f"recipe={cand.recipe}" in run
+    assert main([*shlex.split(plan)[1:], "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["prediction"]["device_bytes"] == cand.prediction.device_bytes
+    assert doc["prediction"]["step_time_s"] == pytest.approx(cand.step.step_time_s)

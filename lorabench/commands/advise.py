@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _knobs(c: Any) -> str:
+    if c.recipe:
+        return f"recipe {c.recipe}"
     d = c.method.to_dict()
     bits = [f"r={d['r']}" if "r" in d else "", "all-linear" if d.get("target_modules") == "all-linear" else "",
             f"{d['backend']}" if d.get("backend") == "bitsandbytes" else "", f"{d['adapter_dtype']} weights"
