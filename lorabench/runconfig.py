@@ -60,3 +60,36 @@ class Preflight(Callback):
             except Exception as err:  # a composition error Hydra would raise later, for one job
                 refuse(UserError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                                  "fix the override"), where=f"job {' '.join(overrides)}: ")
+
+
+def compose_problem(argv: list[str]) -> str | None:
+    """Why Hydra cannot compose the command line's first job (an unknown key or group option, a malformed
+    override), as one line; None when it composes. Hydra's own flags (``--cfg``, ``-m``...) are left out;
+    a sweep override is checked with its first value (the Preflight callback checks every job later)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lorabench.sweep import CONF_DIR
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    if len(overrides) != len(argv) - sum(a in ("-m", "--multirun") for a in argv):
+        return None  # other Hydra flags (--cfg, --info, -c...): let Hydra handle the command line
+    try:
+        first = []
+        for override in OverridesParser.create().parse_overrides(overrides):
+            value = (next(iter(override.sweep_string_iterator())) if override.is_sweep_override()
+                     else override.get_value_element_as_str())
+            first.append(f"{override.get_key_element()}={value}" if override.value() is not None or
+                         override.is_sweep_override() else override.input_line)
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            compose(config_name="config", overrides=first, return_hydra_config=True)
+    except Exception as err:  # Hydra's composition and parse errors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return " ".join(lines).split(" Config search path")[0][:300] or type(err).__name__
+    finally:
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+    return None

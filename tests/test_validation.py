@@ -148,3 +148,15 @@ def test_cli_run_refuses_before_anything_runs(tmp_path: Path) -> None:
 def test_adhoc_results_are_git_ignored() -> None:
     out = subprocess.run(["git", "check-ignore", "-q", "results/adhoc/records.jsonl"], cwd=ROOT)
     assert out.returncode == 0
+
+
+@pytest.mark.parametrize("args, needle", [(["train.bogus=1"], "Could not override 'train.bogus'"),
+                                          (["method=lorra"], "Could not find 'method/lorra'"),
+                                          (["-m", "train.seq_len=32,64", "train.bogus=2"], "train.bogus")])
+def test_run_hydra_composition_errors_are_one_line(args: list[str], needle: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from lorabench.commands.run import run_hydra
+
+    assert run_hydra(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1

@@ -50,7 +50,12 @@ def run_hydra(argv: Sequence[str]) -> int:
         0, or Hydra's exit status when it exits (bad override, unknown group option).
     """
     from lorabench import sweep
+    from lorabench.runconfig import compose_problem
 
+    problem = compose_problem(list(argv))
+    if problem:
+        sys.stderr.write(f"lorabench run: error: {problem}; see `lorabench run --help`\n")
+        return 2
     saved = sys.argv
     sys.argv = ["lorabench run", *argv]
     try:
