@@ -40,8 +40,9 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float, str, int]:
 def counts(summary: str) -> dict[str, int]:
     """pytest's final line, e.g. '723 passed, 4 skipped in 118.2s' -> {'passed': 723, 'skipped': 4}."""
     last = [ln for ln in summary.splitlines() if re.search(r"\d+ (passed|failed)", ln)][-1:]
-    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|xfailed|xpassed|errors?)",
+    found = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|xfailed|xpassed|errors?)",
                                               last[0] if last else "")}
+    return {"passed": 0, "failed": 0, "skipped": 0, **found}
 
 
 def main() -> int:
