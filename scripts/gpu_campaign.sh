@@ -167,7 +167,9 @@ dry_run() {  # the same pipeline on the CPU into a scratch folder under /tmp, th
 [[ -n "$COMMIT" ]] || COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 export LORABENCH_GIT_COMMIT="$COMMIT"
 case "$MODE" in
-  run) run_gpu 2>&1 | tee "${OUT:-/tmp}/campaign.log"; exit "${PIPESTATUS[0]}" ;;
+  run) [[ -n "${OUT:-}" ]] || { echo "gpu_campaign: \$OUT is unset (run it through the device tool)" >&2; exit 2; }
+       mkdir -p "$OUT"
+       run_gpu 2>&1 | tee "$OUT/campaign.log"; exit "${PIPESTATUS[0]}" ;;
   dry-run) dry_run; exit $? ;;
   collect)
     [[ -d "$COLLECT_DIR" ]] || { echo "gpu_campaign: collect needs the reply's files_at folder" >&2; exit 2; }
