@@ -11,8 +11,8 @@ kernels can hang in the child's first parallel region), whatever the calling pro
 Isolation stays one job = one process:
 
 - the process the children are forked from never initialises CUDA: each child checks at its start that torch's
-  CUDA is not initialised and the CUDA driver library is not mapped (:func:`assert_no_cuda`), then creates
-  its own CUDA context; an OOM or a crash dies with the child;
+  CUDA is not initialised and torch's bad-fork flag is not set (:func:`assert_no_cuda`), then creates its own
+  CUDA context; an OOM or a crash dies with the child;
 - each child starts its own NVML sampler, so each job has its own NVML baseline (taken before its context);
 - each child runs in its own session (process group): a timeout kills the child and anything it spawned;
 - the child exits with ``os._exit`` (no atexit handlers).
@@ -48,8 +48,8 @@ class CudaInParent(RuntimeError):
 def cuda_driver_loaded() -> bool:
     """Whether the CUDA driver library (``libcuda.so``) is mapped into this process (Linux; False elsewhere).
 
-    The CUDA runtime loads the driver on its first call (``cuInit``); torch links the runtime but not the
-    driver, so an import of torch alone does not map it.
+    Informational (the tests check it on CPU machines): mapping the driver is not initialising it, and whether a
+    CUDA build of torch maps it at import is not checked on a GPU yet, so :func:`assert_no_cuda` does not use it.
     """
     try:
         return "libcuda.so" in Path("/proc/self/maps").read_text()
@@ -58,12 +58,17 @@ def cuda_driver_loaded() -> bool:
 
 
 def assert_no_cuda() -> None:
-    """Raise :class:`CudaInParent` when this process has initialised CUDA (torch's lazy init or the driver)."""
+    """Raise :class:`CudaInParent` when this process initialised CUDA through torch, or (in a forked child)
+    its parent did: ``torch.cuda.is_initialized()``, or torch's bad-fork flag (set in a child forked after
+    the parent's CUDA init)."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if torch is None:
+        return
+    if torch.cuda.is_initialized():
         raise CudaInParent("the job server's parent initialised torch.cuda; jobs must create their own context")
-    if cuda_driver_loaded():
-        raise CudaInParent("the job server's parent loaded the CUDA driver (libcuda.so); fork would be unsafe")
+    in_bad_fork = getattr(torch._C, "_cuda_isInBadFork", None)
+    if in_bad_fork is not None and in_bad_fork():
+        raise CudaInParent("this job was forked from a process that initialised CUDA; jobs need their own context")
 
 
 def preload_for(spec: Any, method: Any) -> tuple[str, ...]:
