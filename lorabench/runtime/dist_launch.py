@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorabench.runtime.job import die_with_parent
 from lorabench.runtime.launch import JobOutcome, _child_env, _kill_group, _last_line
 
 #: Status precedence when ranks disagree (the first present wins).
@@ -156,7 +157,7 @@ def run_distributed_subprocess(payload: dict[str, Any], nproc_per_node: int, tim
     try:
         with launcher_log.open("ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
             try:
                 returncode = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -176,17 +177,6 @@ def run_distributed_subprocess(payload: dict[str, Any], nproc_per_node: int, tim
         return merge_ranks(results, world, logs, launcher_log, returncode, time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the sweep process dies (Linux ``PR_SET_PDEATHSIG``), so a
-    killed sweep leaves no torchrun behind; its ranks then exit through their own parent watchdog."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the job timeout still kills the group
-        pass
 
 
 def _reap_group(pgid: int) -> None:
