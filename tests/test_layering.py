@@ -105,3 +105,25 @@ def test_method_names_branched_on_only_in_their_folder() -> None:
                 if not name.startswith(f"lorabench.methods.{method}"):
                     bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
     assert not bad, "use a hook of the method's registry entry instead: " + "; ".join(bad)
+
+
+def test_every_method_satisfies_the_typed_seam() -> None:
+    """Each registered estimator and step-time module has every hook of its protocol (no getattr fallbacks)."""
+    import inspect
+
+    from lorabench.methods.protocols import Estimator, StepTimeTerms
+    from lorabench.methods.registry import registered
+
+    hooks = [n for n, v in vars(Estimator).items() if inspect.isfunction(v)]
+    assert {"root_trainable_params", "trainable_tensor_numels", "largest_trainable_params"} <= set(hooks)
+    for name, method in registered().items():
+        assert isinstance(method.estimator, Estimator), name
+        assert all(callable(getattr(method.estimator, h)) for h in hooks), name
+        assert method.step_time is not None and isinstance(method.step_time, StepTimeTerms), name
+
+
+def test_planner_reads_no_hook_by_getattr() -> None:
+    bad = [f"{n}:{c.lineno}" for n, tree in MODULES.items() if n.startswith("lorabench.memory")
+           for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "getattr"
+           and any(isinstance(a, ast.Name) and a.id == "hooks" for a in c.args)]
+    assert not bad, "declare the hook on the Estimator protocol instead: " + "; ".join(bad)

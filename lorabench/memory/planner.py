@@ -186,8 +186,7 @@ def _zero1_share(model: ModelSpec, method: MethodConfig, train: TrainSpec, hooks
     a method's many small tensors, which the greedy partition balances to within a few elements)."""
     if train.sharding != "zero1" or sh.world(train) == 1:
         return None
-    tensors = getattr(hooks, "trainable_tensor_numels", None)
-    numels = sh.base_tensor_numels(model) if hooks.trains_base else (tensors(model, method) if tensors else None)
+    numels = sh.base_tensor_numels(model) if hooks.trains_base else hooks.trainable_tensor_numels(model, method)
     return sh.zero1_largest_share(numels, sh.world(train)) if numels else None
 
 
@@ -196,11 +195,6 @@ def _final_hidden_bytes(model: ModelSpec, train: TrainSpec, hooks: Any) -> int:
     a trained lm_head saves it anyway (counted among the saved tensors)."""
     return 0 if hooks.trains_base else int(train.micro_batch_size * train.seq_len * model.hidden_size
                                            * DTYPE_BYTES[train.param_dtype])
-
-
-def _no_root(model: ModelSpec, method: MethodConfig) -> int:
-    """Trainable parameters a method keeps outside the decoder layers (besides a trained base): none."""
-    return 0
 
 
 def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSpec | None = None) -> Prediction:
@@ -218,7 +212,7 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
             "optimizer": opt, "master_weights": master}
     base = sh.shard_state(full, train, _zero1_share(model, method, train, hooks, n_train))
     static = {k: base[k] for k in ("weights", "quantized_weights", "trainable", "optimizer", "master_weights")}
-    largest = getattr(hooks, "largest_trainable_params", lambda m, c: n_train)(model, method)
+    largest = hooks.largest_trainable_params(model, method)
     opt_temp = step_temporary_bytes(train.optimizer, train.adamw_impl, base["optimizer"],
                                     int(largest * (state_b if state_b is not None else DTYPE_BYTES[t_dtype])))
     tied = part("tied embedding: its two gradients and their sum (2 extra x V x h)",
@@ -231,7 +225,7 @@ def predict(model: ModelSpec, method: MethodConfig, train: TrainSpec, gpu: GpuSp
     loss_peak, top_peak, bottom_peak, *second_peaks = _backward_candidates(model, method, train, hooks,
                                                                            n if fsdp else 1)
     groups = sh.fsdp_groups(model, weights, t_bytes, hooks.trains_base,
-                            int(getattr(hooks, "root_trainable_params", _no_root)(model, method) * DTYPE_BYTES[t_dtype]),
+                            int(hooks.root_trainable_params(model, method) * DTYPE_BYTES[t_dtype]),
                             DTYPE_BYTES[train.param_dtype])
     bucket = part("DDP gradient buckets", sh.ddp_bucket_bytes(train, t_bytes))
     kept = sh.kept_all_gather_bytes(groups, train)

@@ -85,6 +85,20 @@ class Estimator(Protocol):
         """Activation-gradient bytes a layer's backward leaves alive until the end of backward."""
         ...
 
+    def largest_trainable_params(self, model: ModelSpec, cfg: Any) -> int:
+        """Elements of the largest trainable tensor (the optimizer step's per-tensor temporary)."""
+        ...
+
+    def root_trainable_params(self, model: ModelSpec, cfg: Any) -> int:
+        """Trainable elements outside the decoder layers, in FSDP's root unit (default
+        :func:`lorabench.methods.terms.no_root_params`: none)."""
+        ...
+
+    def trainable_tensor_numels(self, model: ModelSpec, cfg: Any) -> "list[int] | None":
+        """Element counts of each trainable tensor, which ZeRO-1 partitions whole; None where the tensors
+        are many and small enough to split evenly (default :func:`lorabench.methods.terms.even_tensor_numels`)."""
+        ...
+
 
 @runtime_checkable
 class MethodRuntime(Protocol):

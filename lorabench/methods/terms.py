@@ -50,3 +50,14 @@ def no_persistent_gradients(ctx: LayerCtx) -> int:
 def no_quantized_params(model: ModelSpec, cfg: Any) -> int:
     """Elements of the base stored quantized: none."""
     return 0
+
+
+def no_root_params(model: ModelSpec, cfg: Any) -> int:
+    """Trainable parameters kept outside the decoder layers (FSDP's root unit; a trained base aside): none."""
+    return 0
+
+
+def even_tensor_numels(model: ModelSpec, cfg: Any) -> list[int] | None:
+    """Element counts of the trainable tensors for ZeRO-1's partition: None, the method's many small tensors
+    split evenly (the greedy partition balances them to within a few elements)."""
+    return None

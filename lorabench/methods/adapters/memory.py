@@ -9,6 +9,8 @@ from __future__ import annotations
 from lorabench.errors import require
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
+from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_quantized_params as quantized_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import adapter_dtype
@@ -19,7 +21,8 @@ from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
 __all__ = ["linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
-           "bottleneck", "check", "largest_trainable_params"]
+           "bottleneck", "check", "largest_trainable_params",
+           "root_trainable_params", "trainable_tensor_numels"]
 
 trains_base = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
+from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_quantized_params as quantized_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import base_linear as linear
@@ -11,7 +13,8 @@ from lorabench.methods.full.config import FullConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
 __all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
-           "largest_trainable_params"]
+           "largest_trainable_params",
+           "root_trainable_params", "trainable_tensor_numels"]
 
 trains_base = True
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
+from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_quantized_params as quantized_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import adapter_dtype
@@ -19,7 +21,8 @@ from lorabench.methods.targets import name_matches, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
-           "targets", "is_feedforward", "largest_trainable_params"]
+           "targets", "is_feedforward", "largest_trainable_params",
+           "root_trainable_params", "trainable_tensor_numels"]
 
 trains_base = False
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from lorabench.errors import require
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
+from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_quantized_params as quantized_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import adapter_dtype, base_linear, frozen_storage, is_target
@@ -21,7 +23,8 @@ from lorabench.methods.targets import select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
-           "targets", "adapter_path", "check", "largest_trainable_params"]
+           "targets", "adapter_path", "check", "largest_trainable_params",
+           "root_trainable_params", "trainable_tensor_numels"]
 
 trains_base = False
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from lorabench.memory.autograd import Graph, Sym, dequant_scratch_bytes
 from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
+from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import adapter_dtype, is_target
@@ -19,7 +21,8 @@ from lorabench.quant.sizes import nf4_storage_bytes
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
 
 __all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
-           "quantized_params", "check", "largest_trainable_params"]
+           "quantized_params", "check", "largest_trainable_params",
+           "root_trainable_params", "trainable_tensor_numels"]
 
 trains_base = False
 
