@@ -217,6 +217,7 @@ def run_slow(block: Block, root: Path = ROOT) -> tuple[str, dict]:
     outputs, wall_s = {}, 0.0
     if block.options.get("fresh"):
         shutil.rmtree(root / block.options["fresh"], ignore_errors=True)
+    commit = git_commit(root)  # before the commands run: files they regenerate are not "local changes"
     load_before = os.getloadavg()[0]
     cpu_before = _children_cpu_s()
     for cmd in block.commands:
@@ -224,9 +225,10 @@ def run_slow(block: Block, root: Path = ROOT) -> tuple[str, dict]:
         wall_s += seconds
     cpu_s = _children_cpu_s() - cpu_before
     load = max(load_before, os.getloadavg()[0])
-    record = {"date": dt.date.today().isoformat(), "commit": git_commit(root), "wall_s": round(wall_s, 1),
+    record = {"date": dt.date.today().isoformat(), "commit": commit, "wall_s": round(wall_s, 1),
               "cpu_s": round(cpu_s, 1), "cpu_count": os.cpu_count(), "load_avg_1min": round(load, 2),
               "commands": list(block.commands)}
+    # CPU time counts waited-for child processes only (a job server's forked grandchildren are not in it).
     note = (f"<sub>Recorded {record['date']} at commit {record['commit']}: {wall_s:.1f} s wall, {cpu_s:.1f} s "
             f"CPU, on {record['cpu_count']} CPU cores at load {load:.1f}; `make docs-slow` re-runs it.</sub>\n")
     return render_transcript(block, outputs) + note, record
