@@ -127,3 +127,18 @@ def test_planner_reads_no_hook_by_getattr() -> None:
            for c in ast.walk(tree) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "getattr"
            and any(isinstance(a, ast.Name) and a.id == "hooks" for a in c.args)]
     assert not bad, "declare the hook on the Estimator protocol instead: " + "; ".join(bad)
+
+
+def test_method_names_not_looked_up_outside_their_folder() -> None:
+    """``evals["qlora"]``-style lookups and tables of method names belong on the method (PAIRINGS, hooks)."""
+    from lorabench.methods import CONFIGS
+
+    labels = {label for cls in CONFIGS.values() for label in cls.all_labels()}
+    bad = []
+    for name, tree in MODULES.items():
+        if name.startswith("lorabench.methods"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value in labels:
+                bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "declare the pairing on the method config instead: " + "; ".join(bad)

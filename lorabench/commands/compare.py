@@ -1,8 +1,8 @@
 """``lorabench compare``: the six methods side by side on one GPU, the decision table a user reads.
 
 Per method: memory, whether it fits, the largest micro-batch, predicted step time, tokens/s, MFU and, with
-``--tokens``, time to train and cost; then the two ratios people ask about (QLoRA vs LoRA with the same
-targets, full fine-tuning vs LoRA). ``--breakdown`` adds the memory components.
+``--tokens``, time to train and cost; then the ratios the methods declare (:attr:`MethodConfig.PAIRINGS`:
+full fine-tuning vs LoRA, QLoRA vs LoRA with the same targets). ``--breakdown`` adds the memory components.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lorabench.commands.common import (add_cost_args, add_format_arg, add_model_
                                       knobs_with_recipe, train_from_args)
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
-from lorabench.methods import CONFIGS, METHOD_NAMES, make_config
+from lorabench.methods import CONFIGS, METHOD_NAMES, PAIRINGS, make_config
 from lorabench.render import render
 from lorabench.steptime.cost import summary
 from lorabench.units import gib, human_count
@@ -77,22 +77,24 @@ def _row_json(ev: dict, gpu: Any, budget: Any) -> dict[str, Any]:
 
 
 def ratios(model: Any, args: argparse.Namespace, gpu: Any, budget: Any, evals: dict[str, dict]) -> list[str]:
-    """QLoRA vs LoRA with QLoRA's targets (memory saved, time added), full fine-tuning vs LoRA."""
-    q = evals["qlora"]
-    same = _evaluate(model, "lora", args, gpu, budget, {"target_modules": q["method"].target_modules})
-    lora = evals["lora"]
-    full = evals["full"]
+    """The ratio lines the methods declare (:data:`lorabench.methods.PAIRINGS`): memory and step time of
+    ``left`` vs ``right`` (QLoRA vs LoRA on QLoRA's targets, full fine-tuning vs LoRA)."""
 
     def pct(a: float, b: float) -> str:
         return f"{100 * (a / b - 1):+.0f}%"
 
-    return [
-        f"QLoRA vs LoRA (both on {q['method'].target_modules} targets): memory "
-        f"{pct(q['pred'].device_bytes, same['pred'].device_bytes)}, step time "
-        f"{pct(q['step'].step_time_s, same['step'].step_time_s)}",
-        f"full fine-tuning vs LoRA (default targets): memory {pct(full['pred'].device_bytes, lora['pred'].device_bytes)}, "
-        f"step time {pct(full['step'].step_time_s, lora['step'].step_time_s)}",
-    ]
+    lines = []
+    for p in PAIRINGS:
+        if not p.in_compare or p.left not in evals or p.right not in evals:
+            continue
+        left, right, where = evals[p.left], evals[p.right], "default targets"
+        if p.same_targets:
+            targets = left["method"].target_modules
+            right = _evaluate(model, p.right, args, gpu, budget, {"target_modules": targets})
+            where = f"both on {targets} targets"
+        lines.append(f"{p.title} ({where}): memory {pct(left['pred'].device_bytes, right['pred'].device_bytes)}, "
+                     f"step time {pct(left['step'].step_time_s, right['step'].step_time_s)}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

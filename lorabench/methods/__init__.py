@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from lorabench.errors import UserError
-from lorabench.methods.base import MethodConfig
+from lorabench.methods.base import MethodConfig, Pairing
 from lorabench.methods.registry import Method, get, registered
 from lorabench.methods.targets import normalize_targets
 
@@ -21,6 +21,8 @@ from lorabench.methods import full, lora, qlora, prefix, adapters, ia3  # noqa: 
 METHODS: dict[str, Method] = registered()
 CONFIGS: dict[str, type[MethodConfig]] = {name: m.config for name, m in METHODS.items()}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+#: Every ratio the methods declare (:attr:`MethodConfig.PAIRINGS`), in registration order.
+PAIRINGS: tuple[Pairing, ...] = tuple(p for cls in CONFIGS.values() for p in cls.PAIRINGS)
 
 
 def knob_names(method: str) -> tuple[str, ...]:
@@ -51,4 +53,4 @@ def make_config(method: str, knobs: Mapping[str, Any] | None = None) -> MethodCo
         raise UserError(f"bad knobs for {method}: {err}", "see `lorabench plan --help`") from None
 
 
-__all__ = ["CONFIGS", "METHODS", "METHOD_NAMES", "Method", "MethodConfig", "get", "knob_names", "make_config"]
+__all__ = ["CONFIGS", "METHODS", "METHOD_NAMES", "Method", "MethodConfig", "PAIRINGS", "Pairing", "get", "knob_names", "make_config"]

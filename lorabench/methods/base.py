@@ -11,12 +11,29 @@ ADAPTER_DTYPES = ("fp32", "bf16", "fp16", "base")
 
 
 @dataclass(frozen=True)
+class Pairing:
+    """A ratio ``compare`` and ``report`` print, declared by the method owning the left side: runs labelled
+    ``left`` over runs labelled ``right`` (method names, or labels from :meth:`MethodConfig.label_for`)."""
+
+    left: str
+    right: str
+    title: str
+    same_targets: bool = False
+    """compare evaluates ``right`` on ``left``'s ``target_modules`` (a quantized variant against its unquantized
+    method on the same layers) instead of using ``right``'s default row."""
+    in_compare: bool = True
+    in_report: bool = True
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Base class of the six method configs. ``name`` is the method's name everywhere (CLI, conf, records)."""
 
     name: ClassVar[str] = ""
     COMPARE_VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
     """Extra ``compare`` rows: label -> knobs over this method's defaults (LoRA: ``dora``)."""
+    PAIRINGS: ClassVar[tuple[Pairing, ...]] = ()
+    """Ratios against other methods (or backends) that ``compare`` and ``report`` print (:class:`Pairing`)."""
     labels: ClassVar[tuple[str, ...]] = ()
     """Report labels this method's runs can carry, in display order (default: the name alone)."""
     adapter_dtype: str = "fp32"

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from lorabench.errors import UserError
+from lorabench.methods import PAIRINGS
 from lorabench.records import RECORDS_FILE, latest_per_run, read_records, to_frame
 from lorabench.report import plots, tables
 from lorabench.report.frame import col, prepare
@@ -23,7 +24,6 @@ from lorabench.report.ranks import per_rank_section
 DEFAULT_GPU = "h100-80gb"
 #: env keys shown in the versions table ("device_name" is titled "device").
 _ENV_KEYS = ("device_name", "torch", "transformers", "bitsandbytes", "peft", "cuda", "driver", "python")
-_RATIOS = (("qlora", "lora", "QLoRA vs LoRA"), ("qlora", "qlora[bnb]", "lorabench vs bitsandbytes QLoRA"))
 _FIGURE_PREFIXES = ("scatter", "breakdown", "pareto")
 
 
@@ -153,10 +153,10 @@ def _device_section(runs: pd.DataFrame, out: Path, device: str, suffix: str, lev
     else:
         lines += ["The planner's verdict matches every outcome.", ""]
     lines += _figures(runs, out, suffix, h, gpu_memory)
-    for left, right, title in _RATIOS:
-        ratio = tables.ratio_table(runs, left, right)
+    for p in PAIRINGS:
+        ratio = tables.ratio_table(runs, p.left, p.right) if p.in_report else ""
         if ratio:
-            lines += [f"{h}# {title} ({left} / {right})", "",
+            lines += [f"{h}# {p.title} ({p.left} / {p.right})", "",
                       "Ratios of measured values for runs with the same model and training configuration "
                       "(below 1x: the first uses less memory or is slower).", "", ratio, ""]
     return lines

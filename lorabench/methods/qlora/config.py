@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from lorabench.errors import require
+from lorabench.methods.base import Pairing
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.quant.sizes import NF4_BLOCKSIZE
 
@@ -21,6 +22,9 @@ class QLoraConfig(LoraConfig):
     name: ClassVar[str] = "qlora"
     labels: ClassVar[tuple[str, ...]] = ("qlora", "qlora[bnb]")
     COMPARE_VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
+    PAIRINGS: ClassVar[tuple[Pairing, ...]] = (
+        Pairing("qlora", "lora", "QLoRA vs LoRA", same_targets=True),  # the quantized variant of LoRA
+        Pairing("qlora", "qlora[bnb]", "lorabench vs bitsandbytes QLoRA", in_compare=False))
     target_modules: str | tuple[str, ...] | None = "all-linear"
     double_quant: bool = True
     """Quantize the fp32 absmax constants to 8 bit (blocks of 256): 0.127 vs 0.5 bits/param."""
