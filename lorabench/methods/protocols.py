@@ -124,6 +124,11 @@ class StepTimeTerms(Protocol):
         ``device_kind`` (``gpu``/``cpu``) picks the kernel an ``auto`` setting resolves to."""
         ...
 
+    def extra_dequant_work(self, model: ModelSpec, cfg: Any, train: TrainSpec, device_kind: str = "gpu") -> Any:
+        """Dequantization Work each forward (and recomputed forward) does beyond :meth:`dequant_work` (DoRA's
+        weight norm on a 4-bit base); default :func:`lorabench.methods.terms.no_extra_dequant`."""
+        ...
+
     def trainable_tensors(self, model: ModelSpec, cfg: Any) -> int:
         """Number of trainable tensors (the optimizer's per-tensor cost)."""
         ...

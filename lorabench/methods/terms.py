@@ -11,6 +11,7 @@ from typing import Any
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
+from lorabench.steptime.work import Work
 
 
 def frozen_storage(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
@@ -61,3 +62,8 @@ def even_tensor_numels(model: ModelSpec, cfg: Any) -> list[int] | None:
     """Element counts of the trainable tensors for ZeRO-1's partition: None, the method's many small tensors
     split evenly (the greedy partition balances them to within a few elements)."""
     return None
+
+
+def no_extra_dequant(model: ModelSpec, cfg: Any, train: TrainSpec, device_kind: str = "gpu") -> Work:
+    """Dequantization work a forward does beyond one per quantized weight: none."""
+    return Work()

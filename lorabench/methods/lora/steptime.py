@@ -5,13 +5,16 @@ Per target (in -> out, rank r) and token, PEFT's LoRA Linear runs x.to(adapter d
 gradients of both factors). These matmuls are r wide, so they are bound by the bytes they move: the fp32 copy
 of x (T*in*(e + a)), A reading it (T*in*a), B's output (T*out*a), the scale and the add (promoting to a:
 T*out*(3a + e)) and the cast back (T*out*(a + e)); dropout (p > 0) reads and writes x once more plus a mask.
-Backward moves about twice the forward bytes in twice the kernels.
+Backward moves about twice the forward bytes in twice the kernels. With ``use_dora`` DoRA's work is added
+(:mod:`lorabench.methods.lora.dora_steptime`; the frozen weight cast from the parameter dtype).
 """
 
 from __future__ import annotations
 
 from lorabench.methods.terms import adapter_dtype
+from lorabench.methods.terms import no_extra_dequant as extra_dequant_work
 from lorabench.methods.lora import memory
+from lorabench.methods.lora.dora_steptime import cast_bytes, dora_work
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.steptime.work import Work
@@ -22,8 +25,18 @@ FORWARD_OPS = 12
 BACKWARD_OPS = 18
 
 
+__all__ = ["adapter_work", "dequant_work", "extra_dequant_work", "lora_work", "trainable_tensors"]
+
+
 def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
-    """(forward, backward) work of all layers' LoRA paths in one micro-step."""
+    """(forward, backward) work of all layers' LoRA paths in one micro-step, DoRA's included."""
+    p = DTYPE_BYTES[train.param_dtype]
+    (lf, lb), (df, db) = lora_work(model, cfg, train), dora_work(model, cfg, train, lambda m, a: cast_bytes(m, p, a))
+    return lf + df, lb + db
+
+
+def lora_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
+    """(forward, backward) work of all layers' plain LoRA paths (A, B, scaling, the add, the casts)."""
     t, e = train.tokens_per_step, DTYPE_BYTES[train.compute_dtype]
     a = DTYPE_BYTES[adapter_dtype(cfg, train)]
     cast = a != e
