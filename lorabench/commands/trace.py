@@ -86,14 +86,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace, method: Any) -> str:
-    """--stack, else PEFT's modules when a PEFT recipe traces LoRA (PEFT's QLoRA layers, bitsandbytes', cannot
-    be built under fake tensors: lorabench's NF4 layer, byte-identical, stands in)."""
+    """--stack, else PEFT's modules (bitsandbytes' 4-bit layers for QLoRA) when a PEFT recipe traces LoRA/QLoRA."""
     from lorabench.commands.common import recipe_of
     from lorabench.runtime.peft_stack import supports
 
     if args.stack is not None:
         if args.stack == "peft" and not supports(method):
-            raise UserError(f"--stack peft traces LoRA only, not {method.name}",
+            raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {method.name}",
                             "use --stack lorabench (the default) for the other methods")
         return str(args.stack)
     recipe = recipe_of(args)

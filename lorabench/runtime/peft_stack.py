@@ -1,21 +1,24 @@
 """The PEFT stack: the same model built with PEFT's own modules (``peft.get_peft_model``), for tracing the
 code a Hugging Face user runs (``lorabench trace --stack peft``).
 
-LoRA only (``lora``): PEFT's ``LoraConfig`` with lorabench's knobs, adapters in fp32 as PEFT's
+LoRA (``lora``): PEFT's ``LoraConfig`` with lorabench's knobs, adapters in fp32 as PEFT's
 ``autocast_adapter_dtype=True`` keeps them (or cast to the method's ``adapter_dtype``), then what
 ``prepare_model_for_kbit_training`` / the Trainer do, by the TrainSpec: checkpointing (transformers' own) and
-the input embeddings' output requiring grad. QLoRA's bitsandbytes ``Linear4bit`` cannot be built under fake
-tensors (quantization reads values), so QLoRA is refused here.
+the input embeddings' output requiring grad. QLoRA (``qlora``): bitsandbytes' own ``Linear4bit`` layers holding
+meta packed weights and quantization states of bitsandbytes' shapes (:mod:`lorabench.runtime.bnb_stack`; no
+quantization runs), wrapped by PEFT's 4-bit LoRA layers, with ``prepare_model_for_kbit_training`` itself when
+``TrainSpec.prepare_kbit`` is set.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorabench.errors import UserError
+from lorabench.errors import UserError, require
 from lorabench.methods.base import MethodConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
@@ -23,9 +26,12 @@ STACKS: tuple[str, ...] = ("lorabench", "peft")
 
 
 def supports(cfg: MethodConfig) -> bool:
-    """Whether this builder can translate the config into PEFT's: a plain LoraConfig (not QLoRA's subclass)."""
+    """Whether this builder can translate the config into PEFT's: LoRA or QLoRA (NF4) without DoRA."""
     from lorabench.methods.lora.config import LoraConfig
+    from lorabench.methods.qlora.config import QLoraConfig
 
+    if type(cfg) is QLoraConfig:
+        return cfg.blocksize == 64 and not getattr(cfg, "use_dora", False)
     return type(cfg) is LoraConfig
 
 
@@ -34,16 +40,36 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
     """``get_peft_model`` on the transformers model of ``spec`` (meta by default, for the tracer).
 
     Raises:
-        UserError: a method other than LoRA (the PEFT stack traces LoRA only).
+        UserError: a method other than LoRA/QLoRA (the PEFT stack traces LoRA and QLoRA only).
     """
     if not supports(cfg):
-        raise UserError(f"--stack peft traces LoRA only, not {cfg.name}",
+        raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {cfg.name}",
                         "use --stack lorabench (the default) for the other methods")
+    quantized = type(cfg).__name__ == "QLoraConfig"
+    if quantized:  # before PEFT imports it: bitsandbytes' import warns about an optional CPU kernel package
+        from lorabench.quant.bnb_backend import import_bitsandbytes
+
+        import_bitsandbytes()
     from peft import LoraConfig, get_peft_model
 
     from lorabench.runtime.build import TORCH_DTYPES, build_model
 
     model = build_model(spec, train, device=device, seed=seed)
+    if quantized:
+        from lorabench.runtime.bnb_stack import quantize_linears
+
+        require(device == "meta", "--stack peft builds QLoRA for the tracer only (meta weights)",
+                "use --stack lorabench for real QLoRA runs")
+        quantize_linears(model, double_quant=cfg.double_quant, compute_dtype=TORCH_DTYPES[cfg.compute_dtype],
+                         weight_dtype=TORCH_DTYPES[train.load_dtype])
+        if train.prepare_kbit:
+            from peft import prepare_model_for_kbit_training
+
+            # PEFT's freeze and fp32 cast; its checkpointing step (input require-grads, then transformers'
+            # non-reentrant checkpointing) is the one below, through transformers' non-deprecated name.
+            with warnings.catch_warnings():  # it asks transformers' deprecated `is_gradient_checkpointing`
+                warnings.simplefilter("ignore", FutureWarning)
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets: Any = cfg.target_modules
     if targets is None:
         from lorabench.methods.lora.memory import targets as lora_targets
@@ -52,18 +78,17 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
                         target_modules=targets if targets == "all-linear" else list(targets), bias="none",
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
+    with warnings.catch_warnings():  # for a 4-bit model PEFT asks the deprecated `is_gradient_checkpointing` too
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
     if cfg.adapter_dtype in ("bf16", "fp16"):
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(TORCH_DTYPES[cfg.adapter_dtype])
     if train.gradient_checkpointing:
-        base = peft_model.get_base_model()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train.prepare_kbit:
-            base.enable_input_require_grads()
-        else:
-            base.disable_input_require_grads()
+        from lorabench.runtime.build import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(peft_model.get_base_model(), input_require_grads=train.prepare_kbit)
     return peft_model
 
 

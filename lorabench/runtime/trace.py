@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from lorabench.errors import UserError, require
 from lorabench.methods.base import MethodConfig
+from lorabench.runtime.bnb_stack import matmul_4bit_as_on_cuda
 from lorabench.runtime.step import autocast_dtype_for, make_optimizer, synthetic_batch, train_steps
 from lorabench.runtime.tracker import MemoryTracker, StorageInfo
 from lorabench.specs import ModelSpec, TrainSpec
@@ -177,6 +178,7 @@ def _run_tracked(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, st
                 stack.enter_context(_unpacked_batches_under_fake())
                 stack.enter_context(_nf4_for_tracing())
                 stack.enter_context(_cuda_dropout())
+                stack.enter_context(matmul_4bit_as_on_cuda())
             train_steps(model, batch, optimizer, steps, tracker=tracker, loss=train.loss,
                         autocast_dtype=autocast_dtype_for(train), warm_start=warm_start)
     except UserError:
@@ -211,7 +213,12 @@ def _build(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec,
         raise UserError(f"cannot build {spec.name} with {method_cfg.name}: {type(err).__name__}: "
                         f"{_first_line(err)}", "use `lorabench plan` for this configuration") from err
     if fake_mode is not None:
+        from lorabench.runtime.bnb_stack import quant_states, reattach_quant_states
+
+        states = quant_states(model)  # bitsandbytes' QuantState tensors live beside the weights, not in them
         to_fake(model, fake_mode)
+        reattach_quant_states(states, lambda t: fake_mode.fake_tensor_converter.from_meta_and_device(
+            fake_mode, t if t.device.type == "meta" else t.detach().to("meta"), "cpu"))
     return model
 
 

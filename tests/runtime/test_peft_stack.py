@@ -28,8 +28,9 @@ def test_peft_lora_trace_equals_lorabench_trace_and_plan(tr: dict) -> None:
         assert abs(predict(spec, cfg, train).peak_allocated_bytes - peft.peak_bytes) <= 0.03 * peft.peak_bytes
 
 
-def test_peft_stack_is_lora_only() -> None:
+def test_peft_stack_is_lora_and_qlora_only() -> None:
     from lorabench.runtime.peft_stack import build_peft_model
 
-    with pytest.raises(UserError, match="LoRA only"):
-        build_peft_model(load_model("tiny-llama"), make_config("qlora"), TrainSpec())
+    for method, knobs in (("ia3", {}), ("qlora", {"use_dora": True})):
+        with pytest.raises(UserError, match="LoRA and QLoRA"):
+            build_peft_model(load_model("tiny-llama"), make_config(method, knobs), TrainSpec())

@@ -96,7 +96,8 @@ def test_planner_exact_on_new_paths(model: str, method: str, knobs: dict, overri
 
 
 # Recipes (conf/recipe): each stack's prediction, resolved as `plan --recipe` resolves it, against a trace of
-# the same set-up (lorabench's runtime; the PEFT + bitsandbytes modules themselves are not traced here).
+# the same set-up, traced with the modules its users run: PEFT's LoRA layers, and for QLoRA PEFT's over
+# bitsandbytes' own Linear4bit (lorabench.runtime.bnb_stack).
 @pytest.mark.parametrize("recipe", ["hf-lora", "hf-qlora", "qlora-paper"])
 def test_recipe_within_3pct_of_trace(recipe: str) -> None:
     from lorabench.cli import build_parser
@@ -106,7 +107,4 @@ def test_recipe_within_3pct_of_trace(recipe: str) -> None:
     args = build_parser().parse_args(["plan", "--model", "qwen2.5-0.5b", "--recipe", recipe, "--batch", "2",
                                       "--seq-len", "128"])
     spec, cfg, train = specs_from_args(args)
-    # hf-lora is traced with PEFT's own LoRA modules (the code its users run); QLoRA's bitsandbytes layers
-    # cannot be built under fake tensors, so lorabench's byte-identical NF4 layer stands in for them.
-    stack = "peft" if recipe == "hf-lora" else "lorabench"
-    assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train, stack=stack))
+    assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train, stack="peft"))
