@@ -10,7 +10,9 @@ A quantized model reaches its training-time storage along one of two paths (``Tr
 
 PEFT's ``prepare_model_for_kbit_training`` then casts every non-4-bit parameter to fp32 one at a time
 (``param.data = param.data.to(torch.float32)``): the largest such parameter exists in both dtypes for a
-moment. Models without quantized weights load straight into their training dtype. The verdict is the
+moment. The load ends with the adapters added: the training-time storage (the largest moment when the
+adapters outweigh the one 16-bit matrix of the per-layer path). Models without quantized weights load straight
+into their training dtype. Checked against tracked real CPU builds (``tests/runtime/test_load_phase.py``). The verdict is the
 maximum over all phases, the load phase included. Sources: docs/SOURCES.md#bnb-load,
 docs/SOURCES.md#peft-kbit-steps.
 """
@@ -19,7 +21,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorabench.quant.sizes import DEQUANT_CHUNK_ELEMS, NF4_BLOCKSIZE
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
+
+QUANTIZE_SCRATCH_BYTES_PER_ELEM = 13
+"""lorabench's chunked torch quantizer (``quant.nf4.quantize_nf4``), per element of a chunk, all live at its
+peak: the fp32 copy (4), the scaled blocks (4), the int32 bucket indices (4) and the uint8 codes (1)."""
+
+
+def quantize_scratch_bytes(numel: int, backend: str) -> int:
+    """Temporaries of quantizing one ``numel``-element matrix: lorabench's quantizer works in chunks of
+    ``DEQUANT_CHUNK_ELEMS`` whole blocks (measured with the storage tracker, tests/runtime/test_load_phase.py);
+    bitsandbytes' CUDA kernel writes the packed codes and absmax directly (none)."""
+    if backend != "lorabench":
+        return 0
+    chunk = min(numel, DEQUANT_CHUNK_ELEMS // NF4_BLOCKSIZE * NF4_BLOCKSIZE)
+    return QUANTIZE_SCRATCH_BYTES_PER_ELEM * chunk
 
 
 def load_components(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any, weights_bytes: int,
@@ -36,14 +53,19 @@ def load_components(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any,
     largest_quantized = max(m.weight_params for m in model.quantized_matrices())
     rest_params = model.total_params - quantized
     rest_load = int(rest_params * load_b)
+    scratch = quantize_scratch_bytes(largest_quantized, getattr(method, "backend", "bnb"))
     if train.loader == "16bit-first":
         # Every weight in 16 bit; the first matrix's 4-bit copy appears before its 16-bit original is freed.
         first_q = quantized_bytes // max(model.num_layers * len(model.quantized_matrices()), 1)
-        loading = {"weights": int(model.total_params * load_b), "quantized_weights": first_q}
+        loading = {"weights": int(model.total_params * load_b) + scratch, "quantized_weights": first_q}
     else:
-        loading = {"weights": rest_load + int(largest_quantized * load_b), "quantized_weights": quantized_bytes}
-    if not train.prepare_kbit:
-        return {**loading, "trainable": 0}
-    largest_rest = max(model.vocab_size * model.hidden_size, model.hidden_size)
-    casting = {"weights": weights_bytes + int(largest_rest * load_b), "quantized_weights": quantized_bytes}
-    return max((loading, casting), key=lambda c: sum(c.values())) | {"trainable": 0}
+        loading = {"weights": rest_load + int(largest_quantized * load_b) + scratch,
+                   "quantized_weights": quantized_bytes}
+    # The load ends with the adapters added (get_peft_model / the method's apply): the training-time storage.
+    loaded = {"weights": weights_bytes, "quantized_weights": quantized_bytes, "trainable": trainable_bytes}
+    moments = [loading | {"trainable": 0}, loaded]
+    if train.prepare_kbit:
+        largest_rest = max(model.vocab_size * model.hidden_size, model.hidden_size)
+        moments.append({"weights": weights_bytes + int(largest_rest * load_b), "quantized_weights": quantized_bytes,
+                        "trainable": 0})
+    return max(moments, key=lambda c: sum(c.values()))

@@ -317,7 +317,10 @@ class MemoryTracker(TorchDispatchMode):
             lambda p: self.track_tensor(p.grad, "gradients", op="grad")))
 
     def _observe(self, tensor: torch.Tensor, func: Any) -> bool:
-        """Count a new storage (True) or follow a resize of a known one (True if it grew)."""
+        """Count a new storage (True) or follow a resize of a known one (True if it grew). Meta tensors hold no
+        memory (a model built on meta, then materialized, allocates only when materialized): never counted."""
+        if tensor.device.type == "meta":
+            return False
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self._live.get(key)

@@ -144,19 +144,28 @@ def materialize(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: Trai
     without ever holding a 16-bit copy of them.
 
     Every module is materialized on ``device`` and re-initialised by transformers' own ``_init_weights``
-    (the init ``from_config`` uses); each quantizable linear is quantized right after its init. Tied
+    (the init ``from_config`` uses), the rest first (a checkpoint's order: the load peak is the rest, the 4-bit
+    layers so far and one 16-bit matrix, memory/load.py); each quantizable linear is quantized right after its
+    init. Tied
     embeddings stay tied. ``apply`` then only adds LoRA.
     """
     _check(spec, cfg)
     torch.manual_seed(seed)
     targets = set(quantized_paths(model, spec))
     memo: dict[int, torch.Tensor] = {}
-    for path, module in list(model.named_modules()):
-        if path in targets:
-            materialize_direct(module, device, memo)
-            with torch.no_grad():
-                model._init_weights(module)
-            replace_module(model, path, quantize_linear(module, cfg))
+    # A checkpoint's order, as transformers loads it: the embeddings and norms first, then each linear.
+    linears = {id(model.get_submodule(path)) for path in targets}
+    init_on_device(model, device, memo, skip=lambda m: id(m) in linears or is_4bit(m))
+    # By path, holding no module: each 16-bit weight is freed as soon as its 4-bit replacement exists (a list
+    # of the modules, or a memo entry, would keep every 16-bit matrix alive until the end: a 16-bit-first peak).
+    for path in [p for p, _ in model.named_modules() if p in targets]:
+        module = model.get_submodule(path)
+        materialize_direct(module, device, memo)
+        with torch.no_grad():
+            model._init_weights(module)
+        replace_module(model, path, quantize_linear(module, cfg))
+        memo = {key: t for key, t in memo.items() if not any(t is p for p in module.parameters(recurse=False))}
+        del module
     return init_on_device(model, device, memo, skip=is_4bit)
 
 
