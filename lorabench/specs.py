@@ -375,6 +375,9 @@ class TrainSpec:
     """PEFT's prepare_model_for_kbit_training: every parameter that is not 4-bit is cast to fp32, gradient
     checkpointing is on, and the input embeddings' output requires grad."""
     loader: str = "per-layer"
+    """How a 4-bit model is loaded: per-layer (each weight quantized as it is read, at most one 16-bit matrix
+    alive; transformers + bitsandbytes) or 16bit-first (the whole model materialized in 16 bit, then
+    quantized); sets the load phase's peak (lorabench.memory.load)."""
     loss: str = "hf"
     """hf (transformers' full-sequence fp32 logits) or chunked (lm_head + cross-entropy over token chunks, no
     full-sequence logits; lorabench.memory.loss)."""

@@ -88,3 +88,14 @@ def test_recipes_are_searched_and_their_commands_reproduce_them(result: advise.A
     doc = json.loads(capsys.readouterr().out)
     assert doc["prediction"]["device_bytes"] == cand.prediction.device_bytes
     assert doc["prediction"]["step_time_s"] == pytest.approx(cand.step.step_time_s)
+
+
+@pytest.mark.parametrize("flag", ["--gpus", "--seq-len", "--global-batch", "--top"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_counts_below_one_are_one_usage_line(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--gpus 0 used to end in a ZeroDivisionError traceback, --global-batch 0 in an empty 'nothing fits'."""
+    with pytest.raises(SystemExit) as exc:
+        main(["advise", "--model", "7b", "--gpu", "h100", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}" in err and "Traceback" not in err

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from lorabench.catalog import load_gpu, load_model
-from lorabench.commands.common import add_cost_args, add_format_arg, add_model_arg, budget_from_args
+from lorabench.commands.common import add_cost_args, add_format_arg, add_model_arg, budget_from_args, positive_int
 from lorabench.methods import get as get_method
 from lorabench.render import render
 from lorabench.units import gib, seconds, usd
@@ -20,12 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "configurations that fit with headroom; rank by predicted time or cost.")
     add_model_arg(p)
     p.add_argument("--gpu", required=True, help="catalog GPU (h100, a6000, 4090...)")
-    p.add_argument("--gpus", dest="num_gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--global-batch", type=int, default=32, help="sequences per optimizer step (default 32)")
+    p.add_argument("--gpus", dest="num_gpus", type=positive_int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--global-batch", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
     p.add_argument("--by", choices=("time", "cost"), default="time", help="rank by step time (default) or cost")
     p.add_argument("--headroom", type=float, default=0.05, help="fraction of GPU memory kept free (default 0.05)")
-    p.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="rows of the ranking to print (default 10)")
     add_format_arg(p)
     add_cost_args(p)
     p.set_defaults(func=run)

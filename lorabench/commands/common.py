@@ -160,3 +160,14 @@ def budget_from_args(args: argparse.Namespace) -> Any:
 
     v = kn.values(args, BUDGET_KNOBS)
     return TrainingBudget.from_flags(v.get("tokens"), v.get("dataset_tokens"), v.get("epochs"), v.get("usd_per_hour"))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is one usage line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
