@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorabench.errors import UserError, require
@@ -90,9 +89,3 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
 
         enable_gradient_checkpointing(peft_model.get_base_model(), input_require_grads=train.prepare_kbit)
     return peft_model
-
-
-def peft_versions() -> dict[str, str]:
-    import peft
-
-    return {"peft": peft.__version__, "torch": torch.__version__}
