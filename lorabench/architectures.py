@@ -116,11 +116,14 @@ def _mixtral(cfg: Config) -> dict[str, Any]:
     h, n_heads, n_kv, d, inter, n_layers = _shape(cfg)
     n_exp = _int(cfg, "num_local_experts")
     # transformers >= 5 fuses the experts into two 3-D parameters and the router into a raw parameter.
+    # 4-bit loading (bitsandbytes) replaces nn.Linear modules only, so they stay 16-bit under QLoRA
+    # (docs/SOURCES.md#bnb-fused-experts); lorabench's QLoRA does the same.
     mats = _attention(cfg, h, n_heads, n_kv, d, False, False) + [
         MatrixSpec("mlp.gate", h, n_exp, False, "mlp", is_linear=False, quantizable=False),
-        MatrixSpec("mlp.experts.gate_up_proj", h, 2 * inter, False, "mlp", copies=n_exp, is_linear=False),
+        MatrixSpec("mlp.experts.gate_up_proj", h, 2 * inter, False, "mlp", copies=n_exp, is_linear=False,
+                   quantizable=False),
         MatrixSpec("mlp.experts.down_proj", inter, h, False, "mlp", copies=n_exp, is_linear=False,
-                   feedforward=True),
+                   feedforward=True, quantizable=False),
     ]
     return dict(hidden_size=h, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d, intermediate_size=inter,
                 num_layers=n_layers, matrices=tuple(mats), norm_params_per_layer=2 * h, final_norm_params=h,

@@ -57,6 +57,12 @@ class MatrixSpec:
         return self.name.rsplit(".", 1)[-1]
 
     @property
+    def parameter_path(self) -> str:
+        """The weight parameter's path inside the decoder layer (what PEFT's ``target_parameters`` match): a
+        module's ``weight``, or the fused expert tensor itself (``mlp.experts.gate_up_proj``)."""
+        return self.name if self.copies > 1 and not self.is_linear else f"{self.name}.weight"
+
+    @property
     def weight_params(self) -> int:
         """Elements of the weight(s): copies * in * out."""
         return self.copies * self.in_features * self.out_features

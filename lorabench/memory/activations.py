@@ -121,21 +121,48 @@ def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
 
     Saved (checked against the trace): the router's fp32 softmax (T x E), the experts' gate_up output
     (T*k x 2I; silu and the product keep views of it), silu's output (T*k x I) and the down output (T*k x h,
-    saved by the multiplication with the routing weights); with trainable experts also the routed inputs
-    (T*k x h) and the product (T*k x I) that the grouped matmuls need for their weight gradients.
+    saved by the multiplication with the routing weights). A weight that needs a gradient (full fine-tuning,
+    or the folded weight of LoRA's ``target_parameters``, from the method's ``adapted_weight`` hook) makes its
+    matmul save its input: the normed input (T x h) for the router, the routed inputs (T*k x h) for gate_up,
+    the product (T*k x I) for down; a folded weight is itself saved when its matmul's input needs grad.
     """
     m, t = ctx.model, ctx.tokens
     k, inter, h = m.experts_per_token, m.intermediate_size, m.hidden_size
     train = ctx.train_base
-    if x.requires_grad or train:
-        g.save(g.new(t * m.num_experts, "fp32", True))
-        for numel in (t * k * 2 * inter, t * k * inter, t * k * h):
-            g.save(g.new(numel, x.dtype, True))
-        if train:
-            for numel in (t * k * h, t * k * inter):
-                g.save(g.new(numel, x.dtype, True))
-    out = g.new(t * h, x.dtype, x.requires_grad or train)
-    return g.record((x,), out)
+    router, gate_up, down_proj = _moe_matrices(m)
+    # Each folded weight is made when the forward first reads the parameter, right before its matmul.
+    logits = _expert_matmul(g, x, ctx.hooks.adapted_weight(g, router, ctx), t * m.num_experts, train)
+    if logits.requires_grad:
+        g.save(g.new(t * m.num_experts, "fp32", True))  # softmax's output
+    weights = g.record((logits,), g.new(t * k, "fp32", logits.requires_grad))  # top-k, renormalized
+    routed = g.elementwise(x, numel=t * k * h)  # hidden_states[perm // k]: saves the (int64) indices only
+    gu = _expert_matmul(g, routed, ctx.hooks.adapted_weight(g, gate_up, ctx), t * k * 2 * inter, train)
+    if gu.requires_grad:
+        g.save(gu)  # silu(gate) saves gate, a view of gu
+    prod = g.mul(g.elementwise(gu, numel=t * k * inter), gu, numel=t * k * inter)  # silu(gate) * up
+    down = _expert_matmul(g, prod, ctx.hooks.adapted_weight(g, down_proj, ctx), t * k * h, train)
+    weighted = g.mul(down, weights, numel=t * k * h)
+    return g.record((weighted,), g.new(t * h, x.dtype, weighted.requires_grad))  # summed over the k experts
+
+
+def _expert_matmul(g: Graph, inp: Sym, folded: Sym | None, out_numel: int, train: bool) -> Sym:
+    """``inp @ W^T`` of an MoE raw parameter: saves ``inp`` iff W needs grad (``train``, or a folded W'),
+    and a folded W' iff ``inp`` needs grad (the parameter itself costs nothing to save)."""
+    if train or folded is not None:
+        g.save(inp)
+    if folded is not None and inp.requires_grad:
+        g.save(folded)
+    out = g.new(out_numel, inp.dtype, inp.requires_grad or train or folded is not None)
+    return g.record((inp,) if folded is None else (inp, folded), out)
+
+
+def _moe_matrices(model: ModelSpec) -> tuple[MatrixSpec, MatrixSpec, MatrixSpec]:
+    """(router, gate_up, down) of an MoE layer: the raw parameters in the order the block uses them."""
+    raw = [mat for mat in model.matrices if not mat.is_linear]
+    router = next(mat for mat in raw if mat.copies == 1)
+    gate_up = next(mat for mat in raw if mat.copies > 1 and not mat.feedforward)
+    down = next(mat for mat in raw if mat.copies > 1 and mat.feedforward)
+    return router, gate_up, down
 
 
 @dataclass(frozen=True)

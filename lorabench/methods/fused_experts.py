@@ -12,7 +12,15 @@ On transformers 5, peft 0.21 also rewrites transformers-4 target names (``all-li
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from lorabench.errors import UserError
+from lorabench.methods.targets import name_matches
 from lorabench.specs import MatrixSpec, ModelSpec
+
+EXPERTS = "experts"
+"""``target_parameters`` shorthand for every fused expert tensor of the model (copies > 1)."""
+
 
 def fused_matrices(model: ModelSpec) -> tuple[MatrixSpec, ...]:
     """Layer matrices that are raw parameters, not ``nn.Linear`` modules (routers, fused experts)."""
@@ -29,3 +37,27 @@ def peft_all_linear_extra_params(model: ModelSpec, r: int) -> int:
     ranks = dict(model.traits.peft_all_linear_parameters)
     per_layer = sum(param_wrapper_params(m, r * ranks[m.name]) for m in fused_matrices(model) if m.name in ranks)
     return model.num_layers * per_layer
+
+
+def select_parameters(model: ModelSpec, targets: str | Sequence[str] | None, method: str) -> tuple[MatrixSpec, ...]:
+    """The raw parameters of one decoder layer that ``target_parameters`` adapts: PEFT's suffix rule on the
+    parameter path (:attr:`MatrixSpec.parameter_path`), ``experts`` for every fused expert tensor; () for None.
+
+    Raises:
+        UserError: the names match no raw parameter of the model.
+    """
+    if not targets:
+        return ()
+    names = (targets,) if isinstance(targets, str) else tuple(targets)
+    raw = fused_matrices(model)
+    if not raw:
+        raise UserError(f"{method} target_parameters {list(names)}: {model.name} has no raw parameters (every "
+                        f"weight is an nn.Linear module)", "drop --target-parameters; use --target-modules")
+    chosen = tuple(m for m in raw if any(name_matches(m.parameter_path, t) or (t == EXPERTS and m.copies > 1)
+                                         for t in names))
+    if not chosen:
+        offer = ", ".join([EXPERTS] + [m.parameter_path for m in raw])
+        raise UserError(f"{method} target_parameters {list(names)} match no raw parameter of {model.name}",
+                        f"choose among: {offer}; nn.Linear modules go in --target-modules")
+    return chosen
+

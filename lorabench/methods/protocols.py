@@ -77,6 +77,12 @@ class Estimator(Protocol):
         """Symbolic forward of what follows a sublayer (``where``: "attention" or "mlp")."""
         ...
 
+    def adapted_weight(self, g: "Graph", m: MatrixSpec, ctx: LayerCtx) -> "Sym | None":
+        """A raw parameter (router, fused expert tensor) as the layer's matmul uses it: None for the frozen
+        parameter itself, else the symbolic folded weight the method's forward materializes (LoRA's
+        ``target_parameters``); default :func:`lorabench.methods.terms.no_adapted_weight`."""
+        ...
+
     def prefix_tokens(self, cfg: Any) -> int:
         """Virtual key/value positions prepended in every layer (prefix tuning), else 0."""
         ...
@@ -127,6 +133,12 @@ class StepTimeTerms(Protocol):
     def extra_dequant_work(self, model: ModelSpec, cfg: Any, train: TrainSpec, device_kind: str = "gpu") -> Any:
         """Dequantization Work each forward (and recomputed forward) does beyond :meth:`dequant_work` (DoRA's
         weight norm on a 4-bit base); default :func:`lorabench.methods.terms.no_extra_dequant`."""
+        ...
+
+    def fold_work(self, model: ModelSpec, cfg: Any, train: TrainSpec) -> tuple[Any, Any]:
+        """(forward, backward) Work on adapted raw parameters (LoRA's ``target_parameters`` folds and the
+        weight-gradient matmuls they add), run in the parameter dtype; default
+        :func:`lorabench.methods.terms.no_fold_work`."""
         ...
 
     def trainable_tensors(self, model: ModelSpec, cfg: Any) -> int:

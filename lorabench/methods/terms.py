@@ -30,6 +30,11 @@ def identity(g: Graph, x: Sym, ctx: LayerCtx, where: str) -> Sym:
     return x
 
 
+def no_adapted_weight(g: Graph, m: MatrixSpec, ctx: LayerCtx) -> Sym | None:
+    """A raw parameter (router, fused experts) as the layer uses it: the frozen parameter itself (None)."""
+    return None
+
+
 def no_prefix(cfg: Any) -> int:
     return 0
 
@@ -67,3 +72,8 @@ def even_tensor_numels(model: ModelSpec, cfg: Any) -> list[int] | None:
 def no_extra_dequant(model: ModelSpec, cfg: Any, train: TrainSpec, device_kind: str = "gpu") -> Work:
     """Dequantization work a forward does beyond one per quantized weight: none."""
     return Work()
+
+
+def no_fold_work(model: ModelSpec, cfg: Any, train: TrainSpec) -> tuple[Work, Work]:
+    """(forward, backward) work on adapted raw parameters in the parameter dtype: none."""
+    return Work(), Work()

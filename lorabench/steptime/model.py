@@ -109,6 +109,7 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
     elem_f, elem_b = terms.layer_elementwise(model, train)
     loss_f, loss_b = terms.head_and_loss(model, train, base)
     ad_f, ad_b = hooks.adapter_work(model, method, train)
+    fold_f, fold_b = hooks.fold_work(model, method, train)
     deq = hooks.dequant_work(model, method, train, device_kind=device.kind)
     deq_f = deq + hooks.extra_dequant_work(model, method, train, device_kind=device.kind)
     a_peak = device.peak_flops_per_s(t_dtype)
@@ -118,6 +119,7 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
         Piece("matmul_weight_grad", terms.dense_weight_grad(model, train, base), peak, bw),
         Piece("attention", attn_f, peak, bw, forward=True), Piece("attention", attn_b, peak, bw),
         Piece("adapter", ad_f, a_peak, bw, forward=True), Piece("adapter", ad_b, a_peak, bw),
+        Piece("adapter", fold_f, peak, bw, forward=True), Piece("adapter", fold_b, peak, bw),
         Piece("dequant", deq_f, peak, bw, forward=True), Piece("dequant", deq, peak, bw),
         Piece("elementwise", elem_f, peak, bw, forward=True), Piece("elementwise", elem_b, peak, bw),
         Piece("loss", loss_f, peak, bw, forward=True), Piece("loss", loss_b, peak, bw),
@@ -126,6 +128,7 @@ def pieces(model: ModelSpec, method: MethodConfig, train: TrainSpec, device: Gpu
         micro += [Piece("matmul_forward", _layer_forward(model, train), peak, bw, "recompute", True),
                   Piece("attention", attn_f, peak, bw, "recompute", True),
                   Piece("adapter", ad_f, a_peak, bw, "recompute", True),
+                  Piece("adapter", fold_f, peak, bw, "recompute", True),
                   Piece("dequant", deq_f, peak, bw, "recompute", True),
                   Piece("elementwise", elem_f, peak, bw, "recompute", True)]
     out = [replace(p, work=p.work * acc) for p in micro]

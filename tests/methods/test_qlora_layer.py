@@ -158,9 +158,19 @@ def test_lean_build_materializes_everything() -> None:
         assert abs(float(loss) - torch.log(torch.tensor(float(spec.vocab_size)))) < 0.5
 
 
-def test_moe_and_bad_backend_are_user_errors() -> None:
-    with pytest.raises(UserError, match="fused expert"):
-        prepare_model(load_model("tiny-mixtral"), make_config("qlora"), BF16, device="meta")
+def test_mixtral_quantizes_attention_and_keeps_experts_16_bit() -> None:
+    model = prepare_model(load_model("tiny-mixtral"), make_config("qlora", {"target_parameters": "experts"}),
+                          BF16, device="cpu")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, Linear4bit)
+    experts = layer.mlp.experts.base_layer.base_layer
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and not experts.gate_up_proj.requires_grad
+    ids = torch.randint(0, 256, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert layer.mlp.experts.lora_A.weight.grad is not None
+
+
+def test_bad_backend_is_a_user_error() -> None:
     with pytest.raises(UserError, match="blocksize"):
         prepare_model(load_model("tiny-llama"), make_config("qlora", {"backend": "bitsandbytes",
                                                                        "blocksize": 128}), BF16)

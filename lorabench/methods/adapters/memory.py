@@ -7,6 +7,7 @@ biases); double_seq_bn places two per layer. Forward: x + up(swish(down(x.to(ada
 from __future__ import annotations
 
 from lorabench.errors import require
+from lorabench.methods.terms import no_adapted_weight as adapted_weight
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
 from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
@@ -20,7 +21,7 @@ from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
-__all__ = ["linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
+__all__ = ["adapted_weight", "linear", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "after_sublayer",
            "bottleneck", "check", "largest_trainable_params",
            "root_trainable_params", "trainable_tensor_numels"]
 

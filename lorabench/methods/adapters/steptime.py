@@ -8,6 +8,7 @@ and writing m (a(h + m)), the activation (2am), up (a(m + h)), the add (3ah) and
 from __future__ import annotations
 
 from lorabench.methods.terms import no_extra_dequant as extra_dequant_work  # noqa: F401
+from lorabench.methods.terms import no_fold_work as fold_work  # noqa: F401
 from lorabench.methods.terms import adapter_dtype
 from lorabench.methods.adapters.config import AdaptersConfig
 from lorabench.methods.adapters.memory import bottleneck

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorabench.methods.terms import no_adapted_weight as adapted_weight
 from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
 from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_quantized_params as quantized_params
@@ -12,7 +13,7 @@ from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.full.config import FullConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
-__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
+__all__ = ["adapted_weight", "linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
            "largest_trainable_params",
            "root_trainable_params", "trainable_tensor_numels"]
 

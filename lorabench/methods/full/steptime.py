@@ -4,6 +4,7 @@ gradients and the optimizer over all of them are counted by the core from ``trai
 from __future__ import annotations
 
 from lorabench.methods.terms import no_extra_dequant as extra_dequant_work  # noqa: F401
+from lorabench.methods.terms import no_fold_work as fold_work  # noqa: F401
 from lorabench.methods.full.config import FullConfig
 from lorabench.specs import ModelSpec, TrainSpec
 from lorabench.steptime.work import Work

@@ -6,6 +6,7 @@ Feed-forward targets scale their input (x * l, saving x in the vector's dtype); 
 
 from __future__ import annotations
 
+from lorabench.methods.terms import no_adapted_weight as adapted_weight
 from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.protocols import LayerCtx
 from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numels
@@ -20,7 +21,7 @@ from lorabench.methods.ia3.config import IA3Config
 from lorabench.methods.targets import name_matches, select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
-__all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
+__all__ = ["adapted_weight", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
            "targets", "is_feedforward", "largest_trainable_params",
            "root_trainable_params", "trainable_tensor_numels"]
 

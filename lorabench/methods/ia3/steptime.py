@@ -9,6 +9,7 @@ of T*f. ~3 aten ops forward and 5 backward per target. No matmul FLOPs worth cou
 from __future__ import annotations
 
 from lorabench.methods.terms import no_extra_dequant as extra_dequant_work  # noqa: F401
+from lorabench.methods.terms import no_fold_work as fold_work  # noqa: F401
 from lorabench.methods.ia3 import memory
 from lorabench.methods.ia3.config import IA3Config
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec

@@ -25,6 +25,10 @@ class LoraConfig(MethodConfig):
     """Dropout on the adapter input; p > 0 keeps one extra copy of each targeted module's input."""
     target_modules: str | tuple[str, ...] | None = None
     """Module-name suffixes, 'all-linear', or None for PEFT's per-architecture default (q_proj, v_proj)."""
+    target_parameters: str | tuple[str, ...] | None = None
+    """Raw parameters to adapt as PEFT's ``target_parameters`` (suffixes of parameter paths such as
+    mlp.experts.gate_up_proj, or 'experts' for every fused expert tensor): Mixtral's fused experts (E x out x in)
+    get lora_A (r E x in) and lora_B (out x r E); no dropout, DoRA or Conv1D there, as in PEFT."""
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
     use_dora: bool = False
@@ -37,6 +41,11 @@ class LoraConfig(MethodConfig):
                 "pass --r 8 (or any integer >= 1)")
         require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is outside [0, 1)",
                 "pass --lora-dropout 0.05 for example")
+        if self.target_parameters:
+            require(self.lora_dropout == 0, "lora_dropout must be 0 with target_parameters (PEFT's ParamWrapper "
+                    "cannot apply dropout to a raw parameter's input)", "pass --lora-dropout 0")
+            require(not self.use_dora, "DoRA does not apply to target_parameters (PEFT's ParamWrapper refuses it)",
+                    "drop --use-dora, or target nn.Linear modules only")
         require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive", "pass --lora-alpha 16")
 
     @property

@@ -35,6 +35,8 @@ from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_tor
                                       layer_module_paths, load_peft_state, module_device, replace_module,
                                       save_peft_files)
 from lorabench.methods.lora.dora import dora_delta, init_magnitude
+from lorabench.methods.lora.experts import raw_lora_modules, wrap_raw
+from lorabench.methods.lora.experts_memory import raw_targets
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
 
@@ -142,16 +144,22 @@ def wrap_lora(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: LoraConfig,
             replace_module(model, path, wrapped)
 
 
+def wrap_all(model: nn.Module, spec: ModelSpec, cfg: LoraConfig, dtype: torch.dtype) -> None:
+    """LoraLinear on the targeted projections, ParamLora on the ``target_parameters`` (fused experts)."""
+    wrap_lora(model, select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name), cfg, dtype)
+    wrap_raw(model, raw_targets(spec, cfg), r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=dtype)
+
+
 def apply(model: nn.Module, spec: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> nn.Module:
-    """Freeze the model and wrap the targeted projections (``targets.select`` rules) in LoraLinear.
+    """Freeze the model and wrap the targeted projections (``targets.select`` rules) in LoraLinear and the
+    ``target_parameters`` in ParamLora (:mod:`lorabench.methods.lora.experts`).
 
     Returns:
         ``model`` itself, mutated: base parameters frozen in ``train.param_dtype``; ``lora_A``/``lora_B``
         trainable in ``adapter_torch_dtype(cfg, train)`` (fp32 by default), on the base weight's device.
     """
-    chosen = select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name)
     freeze(model)
-    wrap_lora(model, chosen, cfg, adapter_torch_dtype(cfg, train))
+    wrap_all(model, spec, cfg, adapter_torch_dtype(cfg, train))
     return model
 
 
@@ -161,14 +169,14 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:
 
 
 def merge(model: nn.Module) -> None:
-    """Merge every LoRA adapter into its (dense) base weight."""
-    for _, module in lora_modules(model):
+    """Merge every LoRA adapter into its (dense) base weight or raw parameter."""
+    for _, module in [*lora_modules(model), *raw_lora_modules(model)]:
         module.merge()
 
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` everywhere."""
-    for _, module in lora_modules(model):
+    for _, module in [*lora_modules(model), *raw_lora_modules(model)]:
         module.unmerge()
 
 
@@ -180,6 +188,9 @@ def adapter_state(model: nn.Module) -> dict[str, nn.Parameter]:
         state[f"{name}.lora_B.weight"] = module.lora_B.weight
         if module.use_dora:
             state[f"{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
+    for name, raw in raw_lora_modules(model):
+        state[f"{name}.lora_A.weight"] = raw.lora_A.weight
+        state[f"{name}.lora_B.weight"] = raw.lora_B.weight
     return state
 
 
@@ -195,6 +206,7 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
         "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for m in chosen), "bias": "none",
         "fan_in_fan_out": spec.traits.conv1d, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": cfg.use_dora,
+        "target_parameters": sorted(m.parameter_path for m in raw_targets(spec, cfg)) or None,
     }
     return save_peft_files(directory, config, state)
 

@@ -19,10 +19,11 @@ from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.lora.dora_memory import dora_path, magnitude_params
+from lorabench.methods.lora.experts_memory import adapted_weight, largest_raw_adapter_params, raw_adapter_params
 from lorabench.methods.targets import select
 from lorabench.specs import MatrixSpec, ModelSpec, TrainSpec
 
-__all__ = ["after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
+__all__ = ["adapted_weight", "after_sublayer", "prefix_tokens", "linear", "trainable_params", "trainable_dtype", "storage",
            "targets", "adapter_path", "check", "largest_trainable_params",
            "root_trainable_params", "trainable_tensor_numels"]
 
@@ -44,15 +45,17 @@ def check(model: ModelSpec, cfg: LoraConfig) -> None:
 
 def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
     """L * sum r * (in + out) over targeted linears (A: r x in, B: out x r), + L * sum out with DoRA
-    (one magnitude per output feature)."""
+    (one magnitude per output feature), + the raw parameters' adapters (``target_parameters``)."""
     chosen = targets(model, cfg)
     dora = magnitude_params(chosen) if cfg.use_dora else 0
-    return model.num_layers * (sum(cfg.r * (m.in_features + m.out_features) for m in chosen) + dora)
+    linears = model.num_layers * (sum(cfg.r * (m.in_features + m.out_features) for m in chosen) + dora)
+    return linears + raw_adapter_params(model, cfg)
 
 
 def largest_trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
-    """The largest adapter tensor: A (r x in) or B (out x r) of a targeted matrix."""
-    return max(cfg.r * max(m.in_features, m.out_features) for m in targets(model, cfg))
+    """The largest adapter tensor: A (r x in) or B (out x r) of a targeted matrix or raw parameter."""
+    linears = max(cfg.r * max(m.in_features, m.out_features) for m in targets(model, cfg))
+    return max(linears, largest_raw_adapter_params(model, cfg))
 
 
 def trainable_dtype(cfg: LoraConfig, train: TrainSpec) -> str:

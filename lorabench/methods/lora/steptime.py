@@ -6,7 +6,8 @@ gradients of both factors). These matmuls are r wide, so they are bound by the b
 of x (T*in*(e + a)), A reading it (T*in*a), B's output (T*out*a), the scale and the add (promoting to a:
 T*out*(3a + e)) and the cast back (T*out*(a + e)); dropout (p > 0) reads and writes x once more plus a mask.
 Backward moves about twice the forward bytes in twice the kernels. With ``use_dora`` DoRA's work is added
-(:mod:`lorabench.methods.lora.dora_steptime`; the frozen weight cast from the parameter dtype).
+(:mod:`lorabench.methods.lora.dora_steptime`; the frozen weight cast from the parameter dtype). With
+``target_parameters``, :func:`fold_work` (in the parameter dtype, at its peak).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lorabench.methods.terms import no_extra_dequant as extra_dequant_work
 from lorabench.methods.lora import memory
 from lorabench.methods.lora.dora_steptime import cast_bytes, dora_work
 from lorabench.methods.lora.config import LoraConfig
+from lorabench.methods.lora.experts_memory import raw_targets
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.steptime.work import Work
 
@@ -25,7 +27,7 @@ FORWARD_OPS = 12
 BACKWARD_OPS = 18
 
 
-__all__ = ["adapter_work", "dequant_work", "extra_dequant_work", "lora_work", "trainable_tensors"]
+__all__ = ["adapter_work", "dequant_work", "extra_dequant_work", "fold_work", "lora_work", "trainable_tensors"]
 
 
 def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
@@ -33,6 +35,25 @@ def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[W
     p = DTYPE_BYTES[train.param_dtype]
     (lf, lb), (df, db) = lora_work(model, cfg, train), dora_work(model, cfg, train, lambda m, a: cast_bytes(m, p, a))
     return lf + df, lb + db
+
+
+def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
+    """(forward, backward) work of the ``target_parameters`` folds (:mod:`lorabench.methods.lora.experts`).
+
+    Per adapted tensor of E x out x in (p bytes an element) and layer: forward, the baddbmm reads W and writes
+    W' (2 E o i p bytes, 2 E o i r FLOPs) after casting the factors; backward, the weight-gradient matmul a
+    frozen tensor skips (2 n o i FLOPs over its n rows: T k routed tokens for experts, T for the router,
+    reading them and writing W's gradient) and the two factor matmuls reading that gradient (2 E o i p bytes,
+    4 E o i r FLOPs).
+    """
+    t, p = train.tokens_per_step, DTYPE_BYTES[train.param_dtype]
+    fwd = bwd = Work()
+    for m in raw_targets(model, cfg):
+        e, i, o = m.copies, m.in_features, m.out_features
+        rows = t * (model.experts_per_token if e > 1 else 1)
+        fwd = fwd + Work(2.0 * e * o * i * cfg.r, 2 * e * o * i * p + 2 * e * cfg.r * (i + o) * p, 3)
+        bwd = bwd + Work(2.0 * rows * o * i + 4.0 * e * o * i * cfg.r, rows * (i + o) * p + 3 * e * o * i * p, 5)
+    return fwd * model.num_layers, bwd * model.num_layers
 
 
 def lora_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
@@ -60,5 +81,5 @@ def dequant_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec, device_kin
 
 
 def trainable_tensors(model: ModelSpec, cfg: LoraConfig) -> int:
-    """lora_A and lora_B per target per layer."""
-    return 2 * len(memory.targets(model, cfg)) * model.num_layers
+    """lora_A and lora_B per target (module or raw parameter) per layer."""
+    return 2 * (len(memory.targets(model, cfg)) + len(raw_targets(model, cfg))) * model.num_layers

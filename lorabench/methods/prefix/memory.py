@@ -9,6 +9,7 @@ Attention runs over V + T keys.
 from __future__ import annotations
 
 from lorabench.methods.protocols import LayerCtx
+from lorabench.methods.terms import no_adapted_weight as adapted_weight
 from lorabench.methods.terms import no_quantized_params as quantized_params
 from lorabench.methods.terms import adapter_dtype
 from lorabench.methods.terms import base_linear as linear
@@ -17,7 +18,7 @@ from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 
-__all__ = ["linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
+__all__ = ["adapted_weight", "linear", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage",
            "token_dim", "largest_trainable_params"]
 
 trains_base = False

@@ -10,6 +10,7 @@ built per layer (b*s*(s+V) elements); backward slices the gradients back (about 
 from __future__ import annotations
 
 from lorabench.methods.terms import no_extra_dequant as extra_dequant_work  # noqa: F401
+from lorabench.methods.terms import no_fold_work as fold_work  # noqa: F401
 from lorabench.methods.prefix.config import PrefixConfig
 from lorabench.methods.prefix.memory import token_dim
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec

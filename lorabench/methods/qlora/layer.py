@@ -30,9 +30,8 @@ from torch import nn
 from lorabench.errors import UserError, require
 from lorabench.methods.common import (adapter_torch_dtype, freeze, init_on_device, is_conv1d, layer_module_paths,
                                       materialize_direct, replace_module, torch_dtype)
-from lorabench.methods.lora.layer import lora_modules, wrap_lora
+from lorabench.methods.lora.layer import lora_modules, wrap_all
 from lorabench.methods.qlora.config import QLoraConfig
-from lorabench.methods.targets import select
 from lorabench.quant.linear4bit import Linear4bit
 from lorabench.quant.nf4 import NF4Tensor
 from lorabench.quant.sizes import DQ_BLOCKSIZE, NF4_BLOCKSIZE
@@ -126,13 +125,12 @@ def apply(model: nn.Module, spec: ModelSpec, cfg: QLoraConfig, train: TrainSpec)
         UserError: fused MoE experts (Mixtral), or the bitsandbytes backend with blocksize != 64 or on meta.
     """
     _check(spec, cfg)
-    chosen = select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name)
     freeze(model)
     for path in quantized_paths(model, spec):
         module = model.get_submodule(path)
         if not is_4bit(module):  # materialize() may have quantized it already
             replace_module(model, path, quantize_linear(module, cfg))
-    wrap_lora(model, chosen, cfg, adapter_torch_dtype(cfg, train))
+    wrap_all(model, spec, cfg, adapter_torch_dtype(cfg, train))
     return model
 
 

@@ -15,12 +15,12 @@ from lorabench.methods.terms import no_persistent_gradients as persistent_gradie
 from lorabench.methods.terms import identity as after_sublayer
 from lorabench.methods.terms import adapter_dtype, is_target
 from lorabench.methods.terms import no_prefix as prefix_tokens
-from lorabench.methods.lora.memory import adapter_path, check, largest_trainable_params, targets, trainable_dtype, trainable_params
+from lorabench.methods.lora.memory import adapted_weight, adapter_path, check, largest_trainable_params, targets, trainable_dtype, trainable_params
 from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.quant.sizes import nf4_storage_bytes
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec, TrainSpec
 
-__all__ = ["after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
+__all__ = ["adapted_weight", "after_sublayer", "prefix_tokens", "trainable_params", "trainable_dtype", "storage", "linear",
            "quantized_params", "check", "largest_trainable_params",
            "root_trainable_params", "trainable_tensor_numels"]
 

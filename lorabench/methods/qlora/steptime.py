@@ -18,13 +18,13 @@ Bytes per element of one dequantization:
 from __future__ import annotations
 
 from lorabench.methods.lora.dora_steptime import cast_bytes, dora_work, extra_dequant_matrices
-from lorabench.methods.lora.steptime import lora_work, trainable_tensors
+from lorabench.methods.lora.steptime import fold_work, lora_work, trainable_tensors
 from lorabench.methods.qlora.config import QLoraConfig
 from lorabench.quant.sizes import DEQUANT_CHUNK_ELEMS, NF4_BLOCKSIZE
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.steptime.work import Work
 
-__all__ = ["adapter_work", "dequant_work", "extra_dequant_work", "trainable_tensors"]
+__all__ = ["adapter_work", "dequant_work", "extra_dequant_work", "fold_work", "trainable_tensors"]
 
 
 def adapter_work(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[Work, Work]:
