@@ -28,6 +28,11 @@ METHOD_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("qlora", {"r": 16}), ("qlora", {"r": 64}), ("qlora", {"r": 16, "backend": "bitsandbytes"}),
     ("full", {}), ("prefix", {}), ("adapters", {}), ("ia3", {}),
 )
+#: Extra variants for models with fused MoE experts: LoRA on the experts too (``target_parameters``).
+EXPERT_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lora", {"r": 16, "target_modules": "all-linear", "target_parameters": "experts"}),
+    ("qlora", {"r": 16, "target_parameters": "experts"}),
+)
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 PEFT_ADAPTER_DTYPES = ("fp32", "bf16")
 
@@ -88,8 +93,13 @@ def _shardings(num_gpus: int) -> tuple[str, ...]:
     return ("none",) if num_gpus == 1 else ("none", "zero2", "zero3")
 
 
-def _combos(num_gpus: int) -> Iterator[tuple[str, dict[str, Any], bool, str, str, str]]:
-    for (name, knobs), ckpt, opt, sharding in itertools.product(METHOD_VARIANTS, (False, True), OPTIMIZERS,
+def method_variants(model: ModelSpec) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The searched (method, knobs): :data:`METHOD_VARIANTS`, plus :data:`EXPERT_VARIANTS` on MoE models."""
+    return METHOD_VARIANTS + (EXPERT_VARIANTS if any(m.copies > 1 and not m.is_linear for m in model.matrices) else ())
+
+
+def _combos(model: ModelSpec, num_gpus: int) -> Iterator[tuple[str, dict[str, Any], bool, str, str, str]]:
+    for (name, knobs), ckpt, opt, sharding in itertools.product(method_variants(model), (False, True), OPTIMIZERS,
                                                                _shardings(num_gpus)):
         for dtype in (("fp32",) if get_method(name).estimator.trains_base else PEFT_ADAPTER_DTYPES):
             yield name, knobs, ckpt, opt, sharding, dtype
@@ -111,7 +121,7 @@ def search(model: ModelSpec, gpu: GpuSpec, seq_len: int = 2048, global_batch: in
     require(by in ("time", "cost"), f"--by {by!r} is unknown", "use --by time or --by cost")
     price = usd_per_gpu_hour if usd_per_gpu_hour is not None else (gpu.usd_per_hour or None)
     budget = replace(gpu, memory_bytes=int(gpu.memory_bytes * (1 - headroom)))
-    combos = list(_combos(num_gpus))
+    combos = list(_combos(model, num_gpus))
     batches = micro_batches(global_batch, num_gpus)
     fitting: list[Candidate] = []
     misses: list[Candidate] = []

@@ -99,3 +99,15 @@ def test_counts_below_one_are_one_usage_line(flag: str, value: str, capsys: pyte
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_moe_models_also_search_expert_lora_and_its_commands_reproduce_it(capsys: pytest.CaptureFixture[str]) -> None:
+    mixtral, h200 = load_model("mixtral"), load_gpu("h200")
+    found = advise.search(mixtral, h200, seq_len=1024, global_batch=8)
+    experts = [c for c in found.ranked if getattr(c.method, "target_parameters", None)]
+    assert experts and all(0 < c.step.mfu < 1 for c in found.ranked)
+    plan, _ = advise.commands(mixtral, h200, experts[0])
+    assert "--target-parameters experts" in plan
+    assert main([*shlex.split(plan)[1:], "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"]["device_bytes"] == experts[0].prediction.device_bytes
+    assert not any(getattr(c.method, "target_parameters", None) for c in advise.search(MODEL, GPU, global_batch=4).ranked)

@@ -7,9 +7,13 @@ from lorabench.specs import ModelSpec
 
 def matmul_params(spec: ModelSpec) -> int:
     """Parameters that take part in a matmul per token: all but the embedding lookup (the head counts once,
-    also when tied to the embedding matrix). Norm weights are counted too (negligible)."""
+    also when tied to the embedding matrix) and, in an MoE layer, the experts a token is not routed to
+    (Mixtral: top-2 of 8, Jiang et al. 2024, arXiv:2401.04088: 12.9B active of 46.7B). Norm weights are
+    counted too (negligible)."""
     tied_head = spec.vocab_size * spec.hidden_size if spec.tie_word_embeddings else 0
-    return spec.total_params - spec.embedding_params + tied_head
+    idle = sum(m.in_features * m.out_features * (m.copies - spec.experts_per_token) for m in spec.matrices
+               if m.copies > 1 and spec.experts_per_token)
+    return spec.total_params - spec.embedding_params + tied_head - spec.num_layers * idle
 
 
 def training_flops_per_token(spec: ModelSpec, trains_base: bool, trainable_params: int, attended_len: int) -> float:

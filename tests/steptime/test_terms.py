@@ -115,3 +115,14 @@ def test_fused_adamw_moves_fewer_bytes_and_autocast_casts_wide_weights() -> None
     mixed, _ = terms.layer_elementwise(TINY, replace(TRAIN, precision="bf16-mixed"))
     hf, _ = terms.layer_elementwise(TINY, replace(TRAIN, precision="bf16", weights_dtype="fp32", autocast="bf16"))
     assert mixed.bytes > plain.bytes and hf.bytes == mixed.bytes  # fp32 weights cast once per forward
+
+
+def test_moe_model_flops_count_the_routed_experts_only() -> None:
+    """Mixtral-8x7B: attention, router and top-2 of 8 experts per layer, plus the head (12.75B of 46.7B)."""
+    from lorabench.catalog import load_model
+    from lorabench.steptime.flops import matmul_params
+
+    spec = load_model("mixtral")
+    h, inter, kv = 4096, 14336, 1024
+    per_layer = h * (h + kv + kv + h) + h * 8 + 2 * 3 * h * inter + 2 * h  # + the two norm weights
+    assert matmul_params(spec) == 32 * per_layer + 32000 * h + h  # + lm_head and the final norm
