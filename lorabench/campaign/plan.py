@@ -8,7 +8,8 @@ the same structure on tiny models):
    first ``len(methods)`` jobs cover every method once, the first half of a model's jobs a half fraction of
    the 2^3 shape design (every factor and every pair of factors balanced), the whole model the full design.
    ``methods_by_model`` restricts a model to some methods (QLoRA only on llama-2-13b). With ``rounds: 2``
-   (the GPU preset) every model's first half fraction comes before any model's second half.
+   (the GPU preset) every model's first half fraction comes before any model's second half. ``extra_jobs``
+   (lists of overrides, e.g. LoRA on Mixtral-8x7B's fused experts) come right after the first round.
 2. **probes** (``gpu-probes``): per emulated card (a memory cap through ``set_per_process_memory_fraction``;
    on the CPU the tracker's cap) the config of the probe grid whose predicted level lies just below the cap
    (the planner says fits, it must run) and the one just above it (the planner says OOM, it must OOM), at
@@ -73,14 +74,18 @@ def validation_jobs(campaign: dict[str, Any]) -> list[CampaignJob]:
     if rounds not in (1, 2):
         raise ValueError("campaign.rounds is 1 (model by model) or 2 (half fraction of every model first)")
     restricted = campaign.get("methods_by_model") or {}
+    extra = [CampaignJob("validate", campaign["validate_sweep"], tuple(str(o) for o in overrides))
+             for overrides in campaign.get("extra_jobs") or []]
     jobs = []
-    for part in (shapes[:4], shapes[4:]) if rounds == 2 else (shapes,):
+    for i, part in enumerate((shapes[:4], shapes[4:]) if rounds == 2 else (shapes,)):
         for model in campaign["models"]:
             methods = restricted.get(model, campaign["methods"])
             for shape in part:
                 jobs += [CampaignJob("validate", campaign["validate_sweep"],
                                      (f"model={model}", f"method={method}", *shape_overrides(*shape)))
                          for method in methods]
+        if i == 0:
+            jobs += extra
     return jobs
 
 

@@ -40,6 +40,23 @@ def test_validation_order_covers_every_method_first_then_shapes_then_models() ->
     assert models == ["small"] * 12 + ["big"] * 4 + ["small"] * 12 + ["big"] * 4  # every model's half first
 
 
+def test_extra_jobs_follow_the_first_round() -> None:
+    extra = [["model=moe", "method=lora", "method.target_parameters=experts"]]
+    jobs = plan.validation_jobs({**CAMPAIGN, "rounds": 2, "extra_jobs": extra})
+    assert len(jobs) == 3 * 8 + 8 + 1 and jobs[16].overrides == tuple(extra[0])
+    assert all("model=moe" not in j.overrides for j in jobs[:16] + jobs[17:])
+
+
+def test_the_gpu_preset_validates_expert_lora_on_mixtral() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).parents[2] / "conf/sweep/gpu-campaign.yaml").read_text())["campaign"]
+    assert ["model=mixtral-8x7b", "method=lora", "method.target_parameters=experts",
+            "train.gradient_checkpointing=true"] in preset["extra_jobs"]
+
+
 def test_probes_take_the_nearest_config_on_each_side_of_every_cap_outside_the_margin() -> None:
     cands = [plan.Candidate((f"c{i}",), level) for i, level in enumerate([90, 96, 99, 101, 104, 110, 200])]
     picks = plan.pick_probes(cands, [100, 105], margin=0.03)
@@ -88,7 +105,7 @@ def test_the_gpu_preset_plans_and_every_job_passes_the_runners_checks() -> None:
         checked = run.check_all(settings, jobs)
     validate = [j for j in jobs if j.stage == "validate"]
     probes = [j for j in jobs if j.stage == "probes"]
-    assert len(validate) == 3 * 6 * 8 + 8 and len(checked) == len(jobs)
+    assert len(validate) == 3 * 6 * 8 + 8 + 3 and len(checked) == len(jobs)  # + the Mixtral extra jobs
     assert validate[0].overrides[:2] == ("model=qwen2.5-0.5b", "method=full")
     caps = [int(dict(o.split("=", 1) for o in j.overrides)["memory_cap_bytes"]) for j in probes]
     assert len(probes) == 10 and len(set(caps)) == 5  # a config below and one above each emulated card

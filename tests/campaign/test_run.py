@@ -19,7 +19,7 @@ SHORT = ["campaign.models=[tiny-llama]", "campaign.methods=[lora,ia3]", "campaig
          "campaign.micro_batches=[1,2]", "campaign.seq_lens=[32,64]", "campaign.probe_caps_bytes=[500000]",
          "campaign.probe_grid.models=[tiny-llama]", "campaign.probe_grid.methods=[lora]",
          "campaign.probe_grid.micro_batches=[1]", "campaign.probe_grid.seq_lens=[32]",
-         "campaign.perf_min_s=100000"]
+         "campaign.perf_min_s=100000", "campaign.extra_jobs=[]"]
 
 
 def run(tmp: Path, capsys: pytest.CaptureFixture[str], budget_s: float, *extra: str) -> tuple[str, re.Match]:
