@@ -5,6 +5,10 @@ loop of the tracer issue: where the planner is off, fix the planner's formulas, 
 
     python scripts/trace_grid.py --out reports/trace-grid            # the full grid (about an hour on 2 cores)
     python scripts/trace_grid.py --models llama-3.2-1b --seq 512 --batch 1 --out /tmp/grid
+    python scripts/trace_grid.py --models mixtral-8x7b --methods lora lora:target_parameters=experts --out /tmp/moe
+
+A method is a name or ``name:knob=value[;knob=value]`` (a variant, e.g. LoRA on Mixtral's fused experts).
+Mixtral is traced in bf16 for every method: transformers' grouped-mm experts kernel takes no fp32 weights.
 """
 
 from __future__ import annotations
@@ -28,10 +32,19 @@ DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b", "llama-3.2-1b", "mistral-7b", "qwe
 MiB = 1024**2
 
 
+def method_config(label: str):  # type: ignore[no-untyped-def]
+    """``lora`` or ``lora:target_parameters=experts;r=16`` -> the method config."""
+    name, _, knobs = label.partition(":")
+    values = dict(pair.split("=", 1) for pair in knobs.split(";") if pair)
+    return make_config(name, {k: int(v) if v.isdigit() else v for k, v in values.items()})
+
+
 def _specs(model: str, method: str, seq: int, ckpt: bool, batch: int):  # type: ignore[no-untyped-def]
+    spec, cfg = load_model(model), method_config(method)
+    mixed = cfg.name == "full" and not spec.num_experts
     train = TrainSpec(micro_batch_size=batch, seq_len=seq, gradient_checkpointing=ckpt,
-                      precision="bf16-mixed" if method == "full" else "bf16")
-    return load_model(model), make_config(method), train
+                      precision="bf16-mixed" if mixed else "bf16")
+    return spec, cfg, train
 
 
 def add_prediction(row: dict) -> dict:
@@ -53,7 +66,7 @@ def row_for(model: str, method: str, seq: int, ckpt: bool, batch: int) -> dict:
     res = trace(spec, cfg, train)
     row = {"model": model, "method": method, "seq_len": seq, "ckpt": ckpt, "batch": batch,
            "precision": train.precision, "traced_bytes": res.peak_bytes, "traced_phase": res.phase,
-           "trace_seconds": round(res.seconds, 1)}
+           "trace_seconds": round(res.seconds, 1), "commit": _commit()}
     for cat in TRACE_CATEGORIES:
         row[f"trace.{cat}"] = res.components[cat]
     return add_prediction(row)
@@ -86,7 +99,8 @@ def write_report(rows: list[dict], out: Path) -> None:
         f"Rows: {len(rows)}; worst |peak error|: {worst:.2f}%; median |peak error|: {_median(rows):.3f}%.",
         "Traces are recorded once in rows.jsonl; the planner side is recomputed whenever the report is written.",
         f"Environment: Python {platform.python_version()}, torch {_version('torch')}, transformers {_version('transformers')}, "
-        f"{platform.machine()}.", "",
+        f"peft {_version('peft')}, {platform.machine()}; traced at commit "
+        f"{', '.join(sorted({r.get('commit', 'unrecorded') for r in rows}))}, predicted at {_commit()}.", "",
         tabulate(table, headers="keys", tablefmt="github", disable_numparse=True), "",
     ]
     (out / "README.md").write_text("\n".join(text))
@@ -95,6 +109,14 @@ def write_report(rows: list[dict], out: Path) -> None:
 def _median(rows: list[dict]) -> float:
     errs = sorted(abs(r["error_pct"]) for r in rows)
     return errs[len(errs) // 2] if errs else 0.0
+
+
+def _commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).parent)
+    return out.stdout.strip() or "unknown"
 
 
 def _version(name: str) -> str:
