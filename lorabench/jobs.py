@@ -120,11 +120,14 @@ def job_payload(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> dic
 
 
 def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
-    """Why this config cannot be measured on ``device`` (None when it can): a world that does not fit
-    (``dist_launch.check_world``), or the method's own refusal (``MethodConfig.run_problem``: the
-    bitsandbytes CPU rows problem)."""
+    """Why this config cannot be measured on ``device`` (None when it can): the PEFT stack (the runner
+    executes lorabench's own modules only), a world that does not fit (``dist_launch.check_world``), or the
+    method's own refusal (``MethodConfig.run_problem``: the bitsandbytes CPU rows problem)."""
     from lorabench.runtime.dist_launch import check_world
 
+    if specs.train.stack != "lorabench":
+        return (f"train.stack={specs.train.stack}: lorabench run executes lorabench's own modules (the PEFT stack "
+                "is planned and traced only); add train.stack=lorabench to run these knobs on them")
     return (check_world(specs.train.num_gpus, specs.train.sharding, device)
             or specs.method.run_problem(specs.model, device))
 

@@ -25,8 +25,7 @@ class Recipe:
         method: the method it selects (None: the user's ``--method``).
         optimizer: the optimizer (or HF ``optim`` alias) it selects, None: the default.
         method_knobs: method-config fields it sets.
-        train: TrainSpec fields it sets.
-        stack: ``peft`` (PEFT + transformers + bitsandbytes: PEFT's own refusals apply) or ``lorabench``.
+        train: TrainSpec fields it sets, ``stack`` among them (:attr:`stack`).
     """
 
     name: str
@@ -35,7 +34,12 @@ class Recipe:
     optimizer: str | None = None
     method_knobs: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    stack: str = "lorabench"
+
+    @property
+    def stack(self) -> str:
+        """``TrainSpec.stack`` as the recipe sets it: ``peft`` (transformers + PEFT + bitsandbytes) or
+        ``lorabench`` (the default)."""
+        return str(self.train.get("stack", "lorabench"))
 
 
 def recipe_names() -> list[str]:
@@ -61,11 +65,11 @@ def load_recipe(name: str) -> Recipe:
         raise UserError(f"conf/recipe/{name}.yaml names itself {meta.get('name')!r}", "make recipe.name the file name")
     return Recipe(name=name, description=str(meta.get("description", "")), method=groups.get("method"),
                   optimizer=groups.get("optimizer"), method_knobs=dict(doc.get("method") or {}),
-                  train=dict(doc.get("train") or {}), stack=str(meta.get("stack", "lorabench")))
+                  train=dict(doc.get("train") or {}))
 
 
-def check_stack(stack: str, method: Any, train: Any, hooks: Any) -> None:
-    """What a stack refuses although the planner could plan it.
+def check_stack(method: Any, train: Any, hooks: Any) -> None:
+    """What ``train.stack`` refuses although the planner could plan it.
 
     PEFT builds prefix tuning's past key/values as a Cache, which raises "... does not work with gradient
     checkpointing" (docs/SOURCES.md#peft-prefix-ckpt); lorabench's own runtime runs it.
@@ -73,6 +77,6 @@ def check_stack(stack: str, method: Any, train: Any, hooks: Any) -> None:
     Raises:
         UserError: prefix tuning with gradient checkpointing on the PEFT stack.
     """
-    if stack == "peft" and train.gradient_checkpointing and hooks.prefix_tokens(method):
+    if train.stack == "peft" and train.gradient_checkpointing and hooks.prefix_tokens(method):
         raise UserError("PEFT refuses prefix tuning with gradient checkpointing (its prefix cache does not work "
-                        "with it)", "drop --checkpointing, or plan lorabench's own runtime (--recipe lorabench)")
+                        "with it)", "drop --checkpointing, or plan lorabench's own runtime (--stack lorabench)")

@@ -387,6 +387,10 @@ class TrainSpec:
     loss: str = "hf"
     """hf (transformers' full-sequence fp32 logits) or chunked (lm_head + cross-entropy over token chunks, no
     full-sequence logits; lorabench.memory.loss)."""
+    stack: str = "lorabench"
+    """Whose code builds and trains the model: lorabench (its own method modules and NF4 quantizer) or peft
+    (transformers + PEFT + bitsandbytes: bitsandbytes' quantizer at load, PEFT's refusals; a recipe's stack).
+    trace traces that stack's modules; run executes lorabench's only."""
 
     #: CLI flags of a field when not ``--<field-with-dashes>`` (the first is the main one).
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -397,7 +401,8 @@ class TrainSpec:
     #: records (and run ids) of configs that do not use them stay what they were.
     RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach",
                                                  "weights_dtype": None, "autocast": None, "prepare_kbit": False,
-                                                 "loader": "per-layer", "loss": "hf"}
+                                                 "loader": "per-layer", "loss": "hf",
+                                                 "stack": "lorabench"}
 
     def to_record(self) -> dict[str, Any]:
         """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""

@@ -151,12 +151,10 @@ def check_job(cfg: DictConfig) -> JobSpecs:
     validate_device(str(cfg.device))
     specs = build_specs(cfg)
     validate(specs.model, specs.method, specs.train)
-    if cfg.get("recipe"):
-        from lorabench.methods import get as get_method
-        from lorabench.recipes import check_stack
+    from lorabench.methods import get as get_method
+    from lorabench.recipes import check_stack
 
-        check_stack(str(cfg.recipe.get("stack", "lorabench")), specs.method, specs.train,
-                    get_method(specs.method.name).estimator)
+    check_stack(specs.method, specs.train, get_method(specs.method.name).estimator)
     problem = runnable(specs, resolve_device(str(cfg.device)))
     if problem:
         raise UserError(problem)

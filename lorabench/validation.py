@@ -20,6 +20,8 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 WEIGHT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 AUTOCASTS: tuple[str, ...] = ("none", "bf16", "fp16")
 LOADERS: tuple[str, ...] = ("per-layer", "16bit-first")
+STACKS: tuple[str, ...] = ("lorabench", "peft")
+"""TrainSpec.stack: lorabench's own modules, or transformers + PEFT + bitsandbytes."""
 
 
 def _accepts(annotation: str, value: Any) -> bool:
@@ -94,6 +96,7 @@ def validate_train(train: TrainSpec) -> None:
     if train.autocast is not None:
         _choice(train.autocast, AUTOCASTS, "autocast")
     _choice(train.loader, LOADERS, "loader")
+    _choice(train.stack, STACKS, "stack")
     require(not train.prepare_kbit or train.gradient_checkpointing,
             "prepare_kbit without gradient checkpointing is not what prepare_model_for_kbit_training does",
             "add --checkpointing (train.gradient_checkpointing=true)")
@@ -137,4 +140,4 @@ def _choice(value: Any, choices: tuple[str, ...], what: str) -> None:
 
 
 __all__ = ["check_fields", "train_from_fields", "validate_train", "validate_setup", "validate_device",
-           "validate_optimizer", "SHARDINGS", "ATTENTIONS", "DEVICES"]
+           "validate_optimizer", "SHARDINGS", "ATTENTIONS", "STACKS", "DEVICES"]

@@ -76,3 +76,42 @@ def test_peft_stack_refuses_prefix_with_checkpointing(capsys: pytest.CaptureFixt
                                                        "train.gradient_checkpointing=true", "device=cpu"])
     with pytest.raises(UserError, match="PEFT refuses prefix tuning"):
         check_job(cfg)
+
+
+def test_the_stack_is_one_trainspec_field_recipes_set_and_flags_win() -> None:
+    assert _specs("--recipe", "hf-qlora")[2].stack == "peft" and _specs("--method", "qlora")[2].stack == "lorabench"
+    assert _specs("--recipe", "hf-qlora", "--stack", "lorabench")[2].stack == "lorabench"
+    assert load_recipe("hf-lora").stack == "peft" and load_recipe("lorabench").stack == "lorabench"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=["recipe=qlora-paper", "model=llama-2-7b"])
+    assert build_specs(cfg).train.stack == "peft"
+    with pytest.raises(SystemExit, match="2"):
+        main(["plan", "--model", "7b", "--method", "lora", "--stack", "hf"])
+
+
+def test_run_refuses_the_peft_stack_it_does_not_execute() -> None:
+    from lorabench.errors import UserError
+    from lorabench.sweep import check_job
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        peft = compose(config_name="config", overrides=["recipe=hf-lora", "model=tiny-llama", "device=cpu"])
+        ours = compose(config_name="config", overrides=["recipe=hf-lora", "model=tiny-llama", "device=cpu",
+                                                        "train.stack=lorabench"])
+    with pytest.raises(UserError, match="train.stack=peft: lorabench run executes lorabench's own modules"):
+        check_job(peft)
+    assert check_job(ours).train.stack == "lorabench"
+
+
+def test_the_load_phase_scratch_is_the_quantizer_of_the_stack() -> None:
+    """70B's largest matrix (28672 x 8192): lorabench's 13-byte 4M-element chunks (52 MiB) vs bitsandbytes'
+    double-quant absmax temporaries, 8 bytes per 64-block (28 MiB); none without double quantization."""
+    from lorabench.memory.load import quantize_scratch_bytes
+    from lorabench.methods import make_config
+    from lorabench.specs import TrainSpec
+
+    n, qlora = 28672 * 8192, make_config("qlora")
+    assert quantize_scratch_bytes(n, qlora, TrainSpec()) == 13 * (1 << 22) == 52 * 2**20
+    assert quantize_scratch_bytes(n, qlora, TrainSpec(stack="peft")) == 8 * n // 64 == 28 * 2**20
+    bnb = make_config("qlora", {"backend": "bitsandbytes"})
+    assert quantize_scratch_bytes(n, bnb, TrainSpec()) == 28 * 2**20
+    assert quantize_scratch_bytes(n, make_config("qlora", {"double_quant": False}), TrainSpec(stack="peft")) == 0

@@ -19,7 +19,7 @@ from lorabench.recipes import Recipe, check_stack, load_recipe
 from lorabench.resolve import RESOLVED_FIELDS, resolve_train, resolved_help
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, PRECISIONS, GpuSpec, ModelSpec, TrainSpec
 from lorabench.steptime.cost import BudgetFlags
-from lorabench.validation import ATTENTIONS, SHARDINGS
+from lorabench.validation import ATTENTIONS, SHARDINGS, STACKS
 
 OPTIMIZERS = OPTIMIZER_NAMES + tuple(OPTIMIZER_ALIASES)
 FORMATS = ("table", "markdown", "json", "csv")
@@ -33,7 +33,8 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"precision": PRECISIONS, "attention
                                               "sharding": SHARDINGS, "adamw_impl": ADAMW_IMPLS,
                                               "weights_dtype": ("fp32", "bf16", "fp16"),
                                               "autocast": ("none", "bf16", "fp16"),
-                                              "loader": ("per-layer", "16bit-first"), "loss": ("hf", "chunked")}
+                                              "loader": ("per-layer", "16bit-first"), "loss": ("hf", "chunked"),
+                                              "stack": STACKS}
 
 
 def _method_defaults(k: kn.Knob) -> str:
@@ -133,9 +134,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, 
     name = method_from_args(args)
     method = make_config(name, knobs_with_recipe(args, name))
     train = train_from_args(args, name, model)
-    recipe = recipe_of(args)
-    if recipe is not None:
-        check_stack(recipe.stack, method, train, get_method(name).estimator)
+    check_stack(method, train, get_method(name).estimator)
     return model, method, train
 
 

@@ -7,6 +7,7 @@ Torch and transformers are imported inside :func:`run` only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from lorabench.commands.common import add_format_arg, add_plan_args, specs_from_args
@@ -25,9 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "beside the planner's prediction.")
     add_plan_args(p)
     add_format_arg(p)
-    p.add_argument("--stack", choices=("lorabench", "peft"), default=None,
-                   help="whose modules to trace: lorabench's (default) or PEFT's (LoRA; the default with a PEFT "
-                        "recipe such as hf-lora)")
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list the N largest activation tensors live at the peak (op, module, shape, dtype)")
     p.add_argument("--by-module", action="store_true",
@@ -45,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from lorabench.progress import elapsed
 
     keep = args.top > 0 or args.by_module
-    stack = _stack(args, method)
+    stack = _stack(args, method, train)
+    train = dataclasses.replace(train, stack=stack)  # the prediction plans the stack that is traced
     with elapsed(f"tracing {model.name} {method.name} (2 fake-tensor steps)", enabled=args.format in ("table", "markdown")):
         result = trace(model, method, train, keep_storages=keep, stack=stack)
     pred = predict(model, method, train)
@@ -85,18 +84,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack(args: argparse.Namespace, method: Any) -> str:
-    """--stack, else PEFT's modules (bitsandbytes' 4-bit layers for QLoRA) when a PEFT recipe traces LoRA/QLoRA."""
-    from lorabench.commands.common import recipe_of
+def _stack(args: argparse.Namespace, method: Any, train: Any) -> str:
+    """The modules to trace: ``train.stack`` (``--stack``, else the recipe's); a PEFT recipe's stack falls back
+    to lorabench's modules for a method the PEFT builder does not translate (an explicit ``--stack peft``
+    refuses it)."""
     from lorabench.runtime.peft_stack import supports
 
+    if train.stack != "peft" or supports(method):
+        return str(train.stack)
     if args.stack is not None:
-        if args.stack == "peft" and not supports(method):
-            raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {method.name}",
-                            "use --stack lorabench (the default) for the other methods")
-        return str(args.stack)
-    recipe = recipe_of(args)
-    return "peft" if recipe is not None and recipe.stack == "peft" and supports(method) else "lorabench"
+        raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {method.name}",
+                        "use --stack lorabench (the default) for the other methods")
+    return "lorabench"
 
 
 def comparison_rows(predicted: dict[str, int], traced: dict[str, int], predicted_peak_bytes: int,

@@ -29,12 +29,25 @@ QUANTIZE_SCRATCH_BYTES_PER_ELEM = 13
 peak: the fp32 copy (4), the scaled blocks (4), the int32 bucket indices (4) and the uint8 codes (1)."""
 
 
-def quantize_scratch_bytes(numel: int, backend: str) -> int:
-    """Temporaries of quantizing one ``numel``-element matrix: lorabench's quantizer works in chunks of
-    ``DEQUANT_CHUNK_ELEMS`` whole blocks (measured with the storage tracker, tests/runtime/test_load_phase.py);
-    bitsandbytes' CUDA kernel writes the packed codes and absmax directly (none)."""
-    if backend != "lorabench":
-        return 0
+BNB_DOUBLE_QUANT_SCRATCH_BYTES_PER_BLOCK = 8
+"""bitsandbytes' ``quantize_4bit(compress_statistics=True)``, per 64-element block, live while the absmax is
+quantized again: the fp32 absmax the kernel wrote (4) and ``absmax - offset`` (4), both dropped once the uint8
+absmax exists (docs/SOURCES.md#bnb-quantize-scratch)."""
+
+
+def quantize_scratch_bytes(numel: int, method: Any, train: TrainSpec) -> int:
+    """Temporaries of quantizing one ``numel``-element matrix, beyond its 4-bit result, by the quantizer that runs.
+
+    * lorabench's own quantizer (``stack`` lorabench, ``backend`` lorabench) works in chunks of
+      ``DEQUANT_CHUNK_ELEMS`` whole blocks: ``13 * min(numel, chunk)`` (measured with the storage tracker,
+      docs/SOURCES.md#measured-load-phase);
+    * bitsandbytes' ``quantize_4bit`` (the PEFT stack, transformers' bnb quantizer; or lorabench's bitsandbytes
+      backend): its CUDA kernel writes the packed codes and the fp32 absmax directly, so only double
+      quantization adds ``8 * ceil(numel / blocksize)`` (docs/SOURCES.md#bnb-quantize-scratch).
+    """
+    if train.stack == "peft" or getattr(method, "backend", "lorabench") == "bitsandbytes":
+        blocks = -(-numel // getattr(method, "blocksize", NF4_BLOCKSIZE))
+        return BNB_DOUBLE_QUANT_SCRATCH_BYTES_PER_BLOCK * blocks if getattr(method, "double_quant", True) else 0
     chunk = min(numel, DEQUANT_CHUNK_ELEMS // NF4_BLOCKSIZE * NF4_BLOCKSIZE)
     return QUANTIZE_SCRATCH_BYTES_PER_ELEM * chunk
 
@@ -53,7 +66,7 @@ def load_components(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any,
     largest_quantized = max(m.weight_params for m in model.quantized_matrices())
     rest_params = model.total_params - quantized
     rest_load = int(rest_params * load_b)
-    scratch = quantize_scratch_bytes(largest_quantized, getattr(method, "backend", "bnb"))
+    scratch = quantize_scratch_bytes(largest_quantized, method, train)
     if train.loader == "16bit-first":
         # Every weight in 16 bit; the first matrix's 4-bit copy appears before its 16-bit original is freed.
         first_q = quantized_bytes // max(model.num_layers * len(model.quantized_matrices()), 1)

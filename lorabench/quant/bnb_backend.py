@@ -101,7 +101,9 @@ def bnb_linear4bit_from_linear(
     bnb = import_bitsandbytes()
     layer = _empty_bnb_layer(bnb, linear.in_features, linear.out_features, linear.bias is not None,
                              double_quant, compute_dtype)  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False,
+    # No clone: Params4bit quantizes into new tensors and leaves ``linear``'s storage untouched (a clone would hold
+    # a second 16-bit copy of the matrix while it is quantized: memory/load.py plans none).
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach(), requires_grad=False,
                                      compress_statistics=double_quant, quant_type="nf4",
                                      blocksize=64, module=layer)  # fmt: skip
     layer.bias = _frozen_bias(linear.bias)

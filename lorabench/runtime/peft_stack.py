@@ -21,9 +21,6 @@ from lorabench.errors import UserError, require
 from lorabench.methods.base import MethodConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
-STACKS: tuple[str, ...] = ("lorabench", "peft")
-
-
 def supports(cfg: MethodConfig) -> bool:
     """Whether this builder can translate the config into PEFT's: LoRA or QLoRA (NF4) without DoRA."""
     from lorabench.methods.lora.config import LoraConfig

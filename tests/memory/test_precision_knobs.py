@@ -39,7 +39,7 @@ def test_load_phase_per_layer_vs_16bit_first() -> None:
     first = predict(LLAMA65, cfg, TrainSpec(gradient_checkpointing=True, loader="16bit-first"))
     biggest = max(m.weight_params for m in LLAMA65.quantized_matrices())
     assert per_layer.phase_peaks["load"] == (per_layer.state_bytes["weights"] + per_layer.state_bytes["quantized_weights"]
-                                             + 2 * biggest + quantize_scratch_bytes(biggest, "lorabench"))
+                                             + 2 * biggest + quantize_scratch_bytes(biggest, cfg, TrainSpec()))
     # 16-bit first: the whole model in bf16 (130 GB) is the peak and the verdict on a 48 GB card.
     assert first.phase == "load" and first.phase_peaks["load"] >= 2 * LLAMA65.total_params
     assert max(first.phase_peaks.values()) == first.phase_peaks["load"]
