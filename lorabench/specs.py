@@ -391,6 +391,10 @@ class TrainSpec:
     """Whose code builds and trains the model: lorabench (its own method modules and NF4 quantizer) or peft
     (transformers + PEFT + bitsandbytes: bitsandbytes' quantizer at load, PEFT's refusals; a recipe's stack).
     trace traces that stack's modules; run executes lorabench's only."""
+    norm_dtype: str | None = None
+    """dtype of the norm weights of a frozen base (fp32, bf16, fp16) after the method is applied; None: the
+    other parameters' (param_dtype). The QLoRA paper's code casts every norm to fp32 after get_peft_model
+    (recipe qlora-paper)."""
 
     #: CLI flags of a field when not ``--<field-with-dashes>`` (the first is the main one).
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -402,7 +406,7 @@ class TrainSpec:
     RECORD_OPTIONAL: ClassVar[dict[str, Any]] = {"allow_long_context": False, "adamw_impl": "foreach",
                                                  "weights_dtype": None, "autocast": None, "prepare_kbit": False,
                                                  "loader": "per-layer", "loss": "hf",
-                                                 "stack": "lorabench"}
+                                                 "stack": "lorabench", "norm_dtype": None}
 
     def to_record(self) -> dict[str, Any]:
         """The run record's ``config.train``: every field (optional ones only when set), the optimizer by name."""
@@ -437,6 +441,11 @@ class TrainSpec:
     def param_dtype(self) -> str:
         """Storage dtype of the model's (non-quantized) weights while training: fp32 after prepare_kbit."""
         return "fp32" if self.prepare_kbit else self.load_dtype
+
+    @property
+    def norm_param_dtype(self) -> str:
+        """Storage dtype of the norm weights while training: ``norm_dtype``, else :attr:`param_dtype`."""
+        return self.norm_dtype or self.param_dtype
 
     @property
     def autocast_dtype(self) -> str | None:

@@ -97,6 +97,8 @@ def validate_train(train: TrainSpec) -> None:
         _choice(train.autocast, AUTOCASTS, "autocast")
     _choice(train.loader, LOADERS, "loader")
     _choice(train.stack, STACKS, "stack")
+    if train.norm_dtype is not None:
+        _choice(train.norm_dtype, WEIGHT_DTYPES, "norm_dtype")
     require(not train.prepare_kbit or train.gradient_checkpointing,
             "prepare_kbit without gradient checkpointing is not what prepare_model_for_kbit_training does",
             "add --checkpointing (train.gradient_checkpointing=true)")
@@ -125,6 +127,9 @@ def validate_setup(model: ModelSpec, method: Any, train: TrainSpec, hooks: Any) 
         raise UserError(f"seq_len {train.seq_len} exceeds {model.name}'s max_position_embeddings {limit}",
                         f"pass --seq-len {limit} or less, or --allow-long-context (train.allow_long_context=true) "
                         "to plan a context the model was not trained for")
+    require(train.norm_dtype is None or not hooks.trains_base,
+            f"norm_dtype {train.norm_dtype} sets the norms of a frozen base; {method.name} trains every weight",
+            "drop --norm-dtype (train.norm_dtype), or pick a PEFT method")
     check = getattr(hooks, "check", None)
     if check is not None:
         check(model, method)

@@ -115,3 +115,20 @@ def test_the_load_phase_scratch_is_the_quantizer_of_the_stack() -> None:
     bnb = make_config("qlora", {"backend": "bitsandbytes"})
     assert quantize_scratch_bytes(n, bnb, TrainSpec()) == 28 * 2**20
     assert quantize_scratch_bytes(n, make_config("qlora", {"double_quant": False}), TrainSpec(stack="peft")) == 0
+
+
+def test_qlora_paper_keeps_the_norms_in_fp32() -> None:
+    """2 h L + h norm elements at 4 B instead of 2 (LLaMA 65B: 1,318,912), and fp32 norms are a knob of a
+    frozen base: full fine-tuning refuses it."""
+    from lorabench.catalog import load_model
+    from lorabench.memory.planner import predict
+
+    spec, cfg, train = _specs("--recipe", "qlora-paper")
+    assert train.norm_dtype == "fp32" and train.norm_param_dtype == "fp32" and train.param_dtype == "bf16"
+    bf16_norms = _specs("--recipe", "qlora-paper", "--norm-dtype", "bf16")[2]
+    norms = 2 * spec.hidden_size * spec.num_layers + spec.hidden_size
+    assert spec.params_by_kind()["norms"] == norms
+    assert (predict(spec, cfg, train).state_bytes["weights"]
+            - predict(spec, cfg, bf16_norms).state_bytes["weights"]) == 2 * norms
+    assert load_model("65b").params_by_kind()["norms"] == 1_318_912
+    assert main(["plan", "--model", "7b", "--method", "full", "--norm-dtype", "fp32"]) == 2

@@ -34,7 +34,7 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"precision": PRECISIONS, "attention
                                               "weights_dtype": ("fp32", "bf16", "fp16"),
                                               "autocast": ("none", "bf16", "fp16"),
                                               "loader": ("per-layer", "16bit-first"), "loss": ("hf", "chunked"),
-                                              "stack": STACKS}
+                                              "stack": STACKS, "norm_dtype": ("fp32", "bf16", "fp16")}
 
 
 def _method_defaults(k: kn.Knob) -> str:

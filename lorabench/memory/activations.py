@@ -39,7 +39,7 @@ def _norm(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     h = ctx.model.hidden_size
     if ctx.model.norm_kind == "layernorm":
         return g.layer_norm(x, ctx.tokens, h, ctx.train_base)
-    return g.rms_norm(x, ctx.tokens, h, ctx.param_dtype, ctx.train_base)
+    return g.rms_norm(x, ctx.tokens, h, ctx.train.norm_param_dtype, ctx.train_base)
 
 
 def _rope(g: Graph, x: Sym) -> Sym:
@@ -182,8 +182,16 @@ class LayerMemory:
 
 def layer_memory(ctx: LayerCtx, input_requires_grad: bool) -> LayerMemory:
     """Symbolic forward (and backward replay) of one decoder layer."""
+    g, out = _layer_graph(ctx, _residual_dtype(ctx), input_requires_grad)
+    peak, grads = g.backward_peak(out) if out.requires_grad else (g.saved_bytes, 0)
+    return LayerMemory(g.saved_bytes, peak - grads, out.requires_grad, grads,
+                       sum(op.param_grad_bytes for op in g.tape), g.forward_peak)
+
+
+def _layer_graph(ctx: LayerCtx, input_dtype: str, input_requires_grad: bool) -> tuple[Graph, Sym]:
+    """The decoder layer's symbolic forward on an input hidden state of ``input_dtype``: (graph, output)."""
     g = Graph(autocast=ctx.train.autocast_dtype)
-    x = g.new(ctx.tokens * ctx.model.hidden_size, _residual_dtype(ctx), input_requires_grad)
+    x = g.new(ctx.tokens * ctx.model.hidden_size, input_dtype, input_requires_grad)
     attn = _attention_block(g, _norm(g, x, ctx), ctx)
     attn = ctx.hooks.after_sublayer(g, attn, ctx, "attention")
     if ctx.model.traits.post_norms:
@@ -196,14 +204,17 @@ def layer_memory(ctx: LayerCtx, input_requires_grad: bool) -> LayerMemory:
         mlp = _norm(g, mlp, ctx)  # post_feedforward_layernorm
     out = g.add(h, mlp)
     g.drop(h)
-    peak, grads = g.backward_peak(out) if out.requires_grad else (g.saved_bytes, 0)
-    return LayerMemory(g.saved_bytes, peak - grads, out.requires_grad, grads,
-                       sum(op.param_grad_bytes for op in g.tape), g.forward_peak)
+    return g, out
 
 
 def _residual_dtype(ctx: LayerCtx) -> str:
-    """The residual stream's dtype: the parameter dtype (fp32 under autocast: fp32 embeddings + 16-bit adds)."""
-    return ctx.param_dtype
+    """The residual stream's dtype: the parameter dtype (fp32 under autocast: fp32 embeddings + 16-bit adds),
+    unless norms wider than the other parameters make a layer's output wider (fp32 norms before 4-bit layers,
+    which return their input's dtype: the MLP output, hence the stream, turns fp32 from the first layer on;
+    observed in the trace of recipe qlora-paper)."""
+    if ctx.train.norm_param_dtype == ctx.param_dtype:
+        return ctx.param_dtype
+    return _layer_graph(ctx, ctx.param_dtype, False)[1].dtype
 
 
 def checkpoint_saved_bytes(ctx: LayerCtx) -> int:

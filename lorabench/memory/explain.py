@@ -21,9 +21,13 @@ def explain(model: ModelSpec, method: MethodConfig, train: TrainSpec, pred: Pred
     shard = f" / {train.num_gpus} GPUs ({train.sharding})" if train.sharding != "none" else ""
     state_b = train.optimizer.state_bytes_per_element or tb
     quantized = hooks.quantized_params(model, method)
+    frozen = f"frozen params {model.total_params - quantized:,} x {pb:g} B ({train.param_dtype})"
+    if train.norm_param_dtype != train.param_dtype:
+        norms = model.params_by_kind()["norms"]
+        frozen = (f"frozen params {model.total_params - quantized - norms:,} x {pb:g} B ({train.param_dtype}) + "
+                  f"norms {norms:,} x {DTYPE_BYTES[train.norm_param_dtype]:g} B ({train.norm_param_dtype})")
     rows = [
-        ("weights", f"frozen params {model.total_params - quantized:,} x {pb:g} B ({train.param_dtype})"
-         if not hooks.trains_base else "0 (every weight is trainable)",
+        ("weights", frozen if not hooks.trains_base else "0 (every weight is trainable)",
          "parameter count from the HF config (transformers on meta, tests/test_catalog.py)"),
         ("quantized_weights", "per matrix: ceil(n/2) codes + ceil(n/64) absmax codes + 4 ceil(n/64/256) + 4 B"
          if quantized else "0 (no 4-bit weights)", "NF4 + double quant, Dettmers et al. 2023 Sec. 3 (docs/SOURCES.md#nf4)"),

@@ -15,8 +15,16 @@ from lorabench.steptime.work import Work
 
 
 def frozen_storage(model: ModelSpec, train: TrainSpec) -> tuple[int, int]:
-    """All base weights frozen in the parameter dtype: (P * bytes(param dtype), 0 quantized)."""
-    return int(model.total_params * DTYPE_BYTES[train.param_dtype]), 0
+    """All base weights frozen in the parameter dtype, the norms in theirs:
+    ((P - N) * bytes(param dtype) + N * bytes(norm dtype), 0 quantized), N the norm elements."""
+    return int(model.total_params * DTYPE_BYTES[train.param_dtype]) + norm_extra_bytes(model, train), 0
+
+
+def norm_extra_bytes(model: ModelSpec, train: TrainSpec) -> int:
+    """N * (bytes(norm dtype) - bytes(param dtype)): the norms kept in another dtype (``TrainSpec.norm_dtype``;
+    the QLoRA paper's fp32 norms: 2 h L + h elements on Llama)."""
+    norms = model.params_by_kind()["norms"]
+    return int(norms * (DTYPE_BYTES[train.norm_param_dtype] - DTYPE_BYTES[train.param_dtype]))
 
 
 def base_linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:

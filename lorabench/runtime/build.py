@@ -112,9 +112,27 @@ def prepare_model(spec: ModelSpec, method_cfg: MethodConfig, train: TrainSpec, *
     else:
         model = build_model(spec, train, device=device, seed=seed)
     model = runtime.apply(model, spec, method_cfg, train)
+    cast_norms(model, train.norm_dtype)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model, input_require_grads=train.prepare_kbit)
     return model
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: ``nn.LayerNorm`` or a class named ``*Norm`` (transformers' ``LlamaRMSNorm``...)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm")
+
+
+def cast_norms(model: nn.Module, dtype: str | None) -> int:
+    """Cast every norm layer's parameters to ``dtype`` in place, one module at a time (``module.to(dtype)``,
+    what the QLoRA paper's code does after ``get_peft_model``: docs/SOURCES.md#qlora-guanaco); None casts
+    nothing. Returns the number of norm elements (``ModelSpec``'s ``norms`` count, tests/runtime)."""
+    if dtype is None:
+        return 0
+    norms = [m for m in model.modules() if is_norm(m)]
+    for module in norms:
+        module.to(torch_dtype(dtype))
+    return sum(p.numel() for m in norms for p in m.parameters(recurse=False))
 
 
 def hf_model(model: nn.Module) -> PreTrainedModel:

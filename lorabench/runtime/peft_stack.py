@@ -84,6 +84,9 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(TORCH_DTYPES[cfg.adapter_dtype])
+    from lorabench.runtime.build import cast_norms
+
+    cast_norms(peft_model, train.norm_dtype)
     if train.gradient_checkpointing:
         from lorabench.runtime.build import enable_gradient_checkpointing
 

@@ -34,3 +34,17 @@ def test_peft_stack_is_lora_and_qlora_only() -> None:
     for method, knobs in (("ia3", {}), ("qlora", {"use_dora": True})):
         with pytest.raises(UserError, match="LoRA and QLoRA"):
             build_peft_model(load_model("tiny-llama"), make_config(method, knobs), TrainSpec())
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-gemma2", "tiny-gpt2"])
+def test_cast_norms_casts_exactly_the_norms_the_planner_counts(model: str) -> None:
+    import torch
+
+    from lorabench.catalog import load_model
+    from lorabench.runtime.build import build_model, cast_norms
+
+    spec = load_model(model)
+    hf = build_model(spec, TrainSpec(precision="bf16", attention="eager"), device="meta")
+    assert cast_norms(hf, "fp32") == spec.params_by_kind()["norms"]
+    fp32 = {n for n, p in hf.named_parameters() if p.dtype == torch.float32}
+    assert sum(p.numel() for n, p in hf.named_parameters() if n in fp32) == spec.params_by_kind()["norms"]

@@ -99,7 +99,9 @@ def test_planner_exact_on_new_paths(model: str, method: str, knobs: dict, overri
 # the same set-up, traced with the modules its users run: PEFT's LoRA layers, and for QLoRA PEFT's over
 # bitsandbytes' own Linear4bit (lorabench.runtime.bnb_stack).
 @pytest.mark.parametrize("recipe", ["hf-lora", "hf-qlora", "qlora-paper"])
-def test_recipe_within_3pct_of_trace(recipe: str) -> None:
+def test_recipe_within_0_1pct_of_trace(recipe: str) -> None:
+    """qlora-paper with its fp32 norms (cast after get_peft_model, as its code does), which make the 4-bit layers'
+    outputs and so the residual stream fp32 from the first layer on."""
     from lorabench.cli import build_parser
     from lorabench.commands.common import specs_from_args
     from lorabench.runtime.trace import trace
@@ -107,4 +109,4 @@ def test_recipe_within_3pct_of_trace(recipe: str) -> None:
     args = build_parser().parse_args(["plan", "--model", "qwen2.5-0.5b", "--recipe", recipe, "--batch", "2",
                                       "--seq-len", "128"])
     spec, cfg, train = specs_from_args(args)
-    assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train, stack="peft"))
+    assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train, stack="peft"), peak_tolerance=0.001)

@@ -13,7 +13,7 @@ from lorabench.methods.terms import even_tensor_numels as trainable_tensor_numel
 from lorabench.methods.terms import no_root_params as root_trainable_params
 from lorabench.methods.terms import no_persistent_gradients as persistent_gradient_bytes
 from lorabench.methods.terms import identity as after_sublayer
-from lorabench.methods.terms import adapter_dtype, is_target
+from lorabench.methods.terms import adapter_dtype, is_target, norm_extra_bytes
 from lorabench.methods.terms import no_prefix as prefix_tokens
 from lorabench.methods.lora.memory import adapted_weight, adapter_path, check, largest_trainable_params, targets, trainable_dtype, trainable_params
 from lorabench.methods.qlora.config import QLoraConfig
@@ -40,7 +40,7 @@ def storage(model: ModelSpec, cfg: QLoraConfig, train: TrainSpec) -> tuple[int, 
     # The 4-bit layer keeps its bias in the compute dtype; every other frozen tensor keeps the param dtype.
     biases = model.num_layers * sum(m.bias_params for m in mats if m.is_linear)
     rest = (model.total_params - quantized_params(model) - biases) * DTYPE_BYTES[train.param_dtype]
-    return int(rest + biases * DTYPE_BYTES[cfg.compute_dtype]), int(quant)
+    return int(rest + biases * DTYPE_BYTES[cfg.compute_dtype]) + norm_extra_bytes(model, train), int(quant)
 
 
 def torch_dequant(cfg: QLoraConfig) -> bool:
@@ -57,6 +57,9 @@ def linear(g: Graph, x: Sym, m: MatrixSpec, ctx: LayerCtx) -> Sym:
     if m.quantizable:
         out = g.frozen_linear_no_save(x, m.out_features, m.in_features, x.dtype if g.autocast is None else g.autocast,
                                       torch_dequant=torch_dequant(cfg))
+        # Linear4bit returns its input's dtype (bitsandbytes' ``out.to(inp_dtype)``; lorabench's layer too):
+        # an fp32 input (fp32 norms before it) gives an fp32 output under autocast.
+        out = g.to(out, x.dtype)
     else:
         out = g.linear(x, m.out_features, m.in_features, ctx.param_dtype, False)
     if is_target(m, targets(ctx.model, cfg)):
