@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lorabench.runtime.job import die_with_parent
-from lorabench.runtime.launch import JobOutcome, _child_env, _kill_group, _last_line
+from lorabench.runtime.launch import JobOutcome, child_env, kill_group, last_line
 
 #: Status precedence when ranks disagree (the first present wins).
 STATUS_ORDER: tuple[str, ...] = ("oom", "failed", "timeout", "nan", "ok")
@@ -108,10 +108,10 @@ def merge_ranks(results: dict[int, dict[str, Any]], world_size: int, logs: dict[
     errors = [f"rank {r}: {res['error']}" for r, res in sorted(results.items()) if res.get("error")]
     if not results and not logs:  # torchrun gave up before starting any rank (rendezvous, bad arguments)
         missing = []
-        errors.append(f"no rank started: {_last_line(launcher_log) or f'torchrun exit status {returncode}'}")
+        errors.append(f"no rank started: {last_line(launcher_log) or f'torchrun exit status {returncode}'}")
     for rank in missing:
-        line = _last_line(logs[rank]) if rank in logs else ""
-        errors.append(f"rank {rank} died: {line or _last_line(launcher_log) or f'exit status {returncode}'}")
+        line = last_line(logs[rank]) if rank in logs else ""
+        errors.append(f"rank {rank} died: {line or last_line(launcher_log) or f'exit status {returncode}'}")
     measured = None
     if 0 in results and results[0].get("measured"):
         measured = dict(results[0]["measured"])
@@ -150,7 +150,7 @@ def run_distributed_subprocess(payload: dict[str, Any], nproc_per_node: int, tim
     payload_path.write_text(json.dumps(payload))
     cmd = torchrun_command(nproc_per_node, payload_path, out_dir, rank_logs, join_timeout_s=join_timeout_s,
                            nnodes=nnodes)
-    env = _child_env()
+    env = child_env()
     env["LORABENCH_DIST_TIMEOUT_S"] = f"{join_timeout_s:g}"
     env.setdefault("OMP_NUM_THREADS", str(payload.get("num_threads") or 1))
     t0 = time.perf_counter()
@@ -161,11 +161,11 @@ def run_distributed_subprocess(payload: dict[str, Any], nproc_per_node: int, tim
             try:
                 returncode = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
                 return JobOutcome(status="timeout", error=f"killed after job_timeout_s={timeout_s:g} s",
                                   wall_s=time.perf_counter() - t0, returncode=proc.returncode)
             except BaseException:
-                _kill_group(proc)
+                kill_group(proc)
                 raise
         _reap_group(proc.pid)
         results = {int(p.stem[4:]): json.loads(p.read_text()) for p in out_dir.glob("rank*.json")}

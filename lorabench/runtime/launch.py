@@ -51,7 +51,7 @@ class JobOutcome:
     returncode: int | None = None
 
 
-def _last_line(path: Path, limit: int = 300) -> str:
+def last_line(path: Path, limit: int = 300) -> str:
     """The last non-empty line of a log (where a traceback names its exception)."""
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -68,7 +68,7 @@ def _read_env(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the child's whole process group, then reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -77,7 +77,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment of a job's child process: this one's, with lorabench's package importable
+    (``PYTHONPATH``) and tokenizers' fork warning off."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -133,14 +135,14 @@ def _spawn_and_wait(payload: dict[str, Any], timeout_s: float, work: Path, log_p
     t0 = time.perf_counter()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_child_env(), start_new_session=True)
+                                env=child_env(), start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             return timeout_outcome(timeout_s, work, time.perf_counter() - t0, proc.returncode)
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
     return outcome_from_files(work, log_path, returncode, time.perf_counter() - t0)
 
@@ -153,7 +155,7 @@ def outcome_from_files(work: Path, log_path: Path, returncode: int, wall_s: floa
     if returncode < 0:
         error = f"job killed by signal {signal.Signals(-returncode).name}"
     else:
-        error = f"job exited with status {returncode}: {_last_line(log_path) or 'no output'}"
+        error = f"job exited with status {returncode}: {last_line(log_path) or 'no output'}"
     return JobOutcome(status="failed", error=error, env=_read_env(env_path), wall_s=wall_s, returncode=returncode)
 
 
