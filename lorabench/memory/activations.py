@@ -137,12 +137,22 @@ def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     weights = g.record((logits,), g.new(t * k, "fp32", logits.requires_grad))  # top-k, renormalized
     routed = g.elementwise(x, numel=t * k * h)  # hidden_states[perm // k]: saves the (int64) indices only
     gu = _expert_matmul(g, routed, ctx.hooks.adapted_weight(g, gate_up, ctx), t * k * 2 * inter, train)
-    if gu.requires_grad:
-        g.save(gu)  # silu(gate) saves gate, a view of gu
-    prod = g.mul(g.elementwise(gu, numel=t * k * inter), gu, numel=t * k * inter)  # silu(gate) * up
+    prod = _swiglu(g, gu, t * k * inter)
     down = _expert_matmul(g, prod, ctx.hooks.adapted_weight(g, down_proj, ctx), t * k * h, train)
     weighted = g.mul(down, weights, numel=t * k * h)
     return g.record((weighted,), g.new(t * h, x.dtype, weighted.requires_grad))  # summed over the k experts
+
+
+def _swiglu(g: Graph, gu: Sym, numel: int) -> Sym:
+    """``silu(gate) * up`` with ``gate, up = gu.chunk(2)`` as one node: saves gu (gate and up are views of it)
+    and silu's output; its backward holds gu's 2n-element gradient beside the output's and nothing more at
+    its fullest (Mixtral-8x7B traces with checkpointing: modelling gate's and up's gradients as separate
+    tensors over-predicted the peak by up to 1.4%)."""
+    act = g.new(numel, gu.dtype, gu.requires_grad)
+    if gu.requires_grad:
+        g.save(gu, act)
+    out = g.new(numel, gu.dtype, gu.requires_grad)
+    return g.record((gu,), out)
 
 
 def _expert_matmul(g: Graph, inp: Sym, folded: Sym | None, out_numel: int, train: bool) -> Sym:

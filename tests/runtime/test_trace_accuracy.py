@@ -24,7 +24,7 @@ CASES = [(model, method, ckpt) for model in ("qwen2.5-0.5b", "gpt2") for method 
          for ckpt in (False, True)]
 # MoE: Mixtral-8x7B's fused experts (full size, still seconds under fake tensors). bf16 only: transformers'
 # grouped-mm experts kernel takes no fp32 weights (bf16-mixed), on the CPU at least.
-CASES += [("mixtral-8x7b", method, False) for method in ("full", "lora", "ia3")]
+CASES += [("mixtral-8x7b", method, False) for method in ("full", "lora", "ia3")] + [("mixtral-8x7b", "lora", True)]
 
 
 def assert_close_to_trace(pred, traced, peak_tolerance: float = 0.03) -> None:  # type: ignore[no-untyped-def]
