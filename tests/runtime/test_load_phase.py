@@ -59,12 +59,13 @@ def _checkpoint_order(spec, cfg, train):  # type: ignore[no-untyped-def]
 def _transformers_bnb_load(spec, cfg, train):  # type: ignore[no-untyped-def]
     """What ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`` does with a
     checkpoint, tensor by tensor in the checkpoint's order: transformers' ``replace_with_bnb_linear`` skeleton on
-    meta, each linear weight through its ``Bnb4bitQuantize`` op, every other tensor as loaded; then the tie and
+    meta, each linear weight through the quantizer's own op (``Bnb4bitQuantize``), every other tensor as loaded; then the tie and
     ``get_peft_model`` (adapters in fp32, PEFT's ``autocast_adapter_dtype``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
-    from transformers.integrations.bitsandbytes import Bnb4bitQuantize, replace_with_bnb_linear
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.auto import AutoHfQuantizer
 
     from lorabench.quant.bnb_backend import import_bitsandbytes
     from lorabench.runtime.build import build_model
@@ -74,7 +75,7 @@ def _transformers_bnb_load(spec, cfg, train):  # type: ignore[no-untyped-def]
                                bnb_4bit_use_double_quant=cfg.double_quant)
     model = replace_with_bnb_linear(build_model(spec, train, device="meta"), modules_to_not_convert=["lm_head"],
                                     quantization_config=quant)
-    op = Bnb4bitQuantize(type("HfQuantizer", (), {"quantization_config": quant})())
+    op = AutoHfQuantizer.from_config(quant).get_quantize_ops()  # transformers' own per-tensor op (Bnb4bitQuantize)
     for name, param in list(model.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
