@@ -80,3 +80,35 @@ def check_stack(method: Any, train: Any, hooks: Any) -> None:
     if train.stack == "peft" and train.gradient_checkpointing and hooks.prefix_tokens(method):
         raise UserError("PEFT refuses prefix tuning with gradient checkpointing (its prefix cache does not work "
                         "with it)", "drop --checkpointing, or plan lorabench's own runtime (--stack lorabench)")
+
+
+def stack_method(model: Any, method: Any, train: Any) -> Any:
+    """The method as ``train.stack`` applies it.
+
+    On the PEFT stack, peft 0.21 on transformers 5 reads ``all-linear`` on an MoE model as also its router and
+    fused experts (``target_parameters``, gate_up_proj at rank 2r and alpha 2 alpha since it fuses two
+    transformers-4 linears; docs/SOURCES.md#peft-moe-conversion, the model's
+    ``traits.peft_all_linear_parameters``), so the plan adapts them too; explicit ``target_parameters`` or
+    ``rank_pattern`` entries win. lorabench's own ``all-linear`` means the nn.Linear modules only.
+
+    Raises:
+        UserError: dropout or DoRA with that conversion: PEFT's ParamWrapper refuses both (checked against peft).
+    """
+    extra = model.traits.peft_all_linear_parameters
+    if train.stack != "peft" or not extra or getattr(method, "target_modules", None) != "all-linear" \
+            or getattr(method, "target_parameters", "given"):
+        return method
+    import dataclasses
+
+    if method.lora_dropout or method.use_dora:
+        knob = "lora_dropout != 0" if method.lora_dropout else "DoRA"
+        raise UserError(f"PEFT's all-linear on {model.name} also wraps the router and experts with ParamWrapper, "
+                        f"which refuses {knob} (peft 0.21, transformers 5)",
+                        "pass --lora-dropout 0 (no --use-dora), list the nn.Linear modules in --target-modules, "
+                        "or plan lorabench's own runtime (--stack lorabench)")
+    paths = {m.name: m.parameter_path for m in model.matrices}
+    ranks = tuple(f"{paths[name]}={k * method.r}" for name, k in extra if k != 1)
+    alphas = tuple(f"{paths[name]}={k * method.lora_alpha:g}" for name, k in extra if k != 1)
+    return dataclasses.replace(method, target_parameters=tuple(paths[name] for name, _ in extra),
+                               rank_pattern=tuple(method.rank_pattern or ()) + ranks,
+                               alpha_pattern=tuple(method.alpha_pattern or ()) + alphas)

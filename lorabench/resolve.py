@@ -55,9 +55,12 @@ def resolve_train(values: Mapping[str, Any], method: str, model: ModelSpec,
 
 def resolve(model: ModelSpec, method: str, knobs: Mapping[str, Any] | None, train_values: Mapping[str, Any],
             optimizer: str | OptimizerSpec | None = None) -> tuple[MethodConfig, TrainSpec]:
-    """(method config, TrainSpec) of one configuration: the method's knobs over its defaults, the training
-    fields over :func:`resolve_train`'s."""
-    return make_config(method, knobs), resolve_train(train_values, method, model, optimizer)
+    """(method config, TrainSpec) of one configuration: the method's knobs over its defaults (as the stack
+    applies them, :func:`lorabench.recipes.stack_method`), the training fields over :func:`resolve_train`'s."""
+    from lorabench.recipes import stack_method
+
+    train = resolve_train(train_values, method, model, optimizer)
+    return stack_method(model, make_config(method, knobs), train), train
 
 
 def resolved_help(field: str) -> str:

@@ -15,7 +15,7 @@ from lorabench.catalog import load_gpu, load_model
 from lorabench.memory.optimizer_step import ADAMW_IMPLS
 from lorabench.errors import UserError
 from lorabench.methods import CONFIGS, METHOD_NAMES, MethodConfig, get as get_method, knob_names, make_config
-from lorabench.recipes import Recipe, check_stack, load_recipe
+from lorabench.recipes import Recipe, check_stack, load_recipe, stack_method
 from lorabench.resolve import RESOLVED_FIELDS, resolve_train, resolved_help
 from lorabench.specs import OPTIMIZER_ALIASES, OPTIMIZER_NAMES, PRECISIONS, GpuSpec, ModelSpec, TrainSpec
 from lorabench.steptime.cost import BudgetFlags
@@ -132,8 +132,8 @@ def specs_from_args(args: argparse.Namespace) -> tuple[ModelSpec, MethodConfig, 
     """Resolve the model, the method config (with knobs) and the training spec; UserError on bad input."""
     model = load_model(args.model)
     name = method_from_args(args)
-    method = make_config(name, knobs_with_recipe(args, name))
     train = train_from_args(args, name, model)
+    method = stack_method(model, make_config(name, knobs_with_recipe(args, name)), train)
     check_stack(method, train, get_method(name).estimator)
     return model, method, train
 

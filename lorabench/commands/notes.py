@@ -11,21 +11,21 @@ from lorabench.methods.fused_experts import fused_matrices, peft_all_linear_extr
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.lora.experts_memory import raw_adapter_params, raw_targets
 from lorabench.methods.targets import select
-from lorabench.specs import DTYPE_BYTES, ModelSpec
+from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
 from lorabench.units import human_count
 
 GIB = 1024 ** 3
 
 
-def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, dtype: str = "bf16") -> list[str]:
-    """One line per consequence worth saying; empty for the common case. ``dtype``: the parameter dtype."""
+def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, train: TrainSpec) -> list[str]:
+    """One line per consequence worth saying; empty for the common case."""
     if not isinstance(method, LoraConfig) or not fused_matrices(model):  # LoRA and QLoRA
         return []
     targets = select(model, method.target_modules, model.traits.lora_default_targets, method.name)
     raw = raw_targets(model, method)
     modules = ", ".join(m.leaf for m in targets)
     if raw:
-        folded = sum(m.copies * m.in_features * m.out_features for m in raw) * DTYPE_BYTES[dtype] / GIB
+        folded = sum(m.copies * m.in_features * m.out_features for m in raw) * DTYPE_BYTES[train.param_dtype] / GIB
         notes = [f"note: LoRA trains {modules} and, through target_parameters, "
                  f"{', '.join(m.parameter_path for m in raw)} ({human_count(pred.trainable_params)} parameters)."]
         if any(m.copies > 1 for m in raw):
@@ -36,7 +36,10 @@ def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, dtype
         notes = [f"note: {model.display}'s router and experts are raw parameters, not nn.Linear modules: LoRA "
                  f"trains {modules} only ({human_count(pred.trainable_params)} parameters); pass "
                  f"--target-parameters experts to adapt the experts too."]
-    if method.target_modules == "all-linear":
+    if method.target_modules == "all-linear" and train.stack == "peft" and raw:
+        notes.append("note: PEFT's all-linear (peft 0.21, transformers 5) also wraps the router and experts "
+                     "(gate_up_proj at rank 2r, alpha 2 alpha): planned so, as the PEFT stack runs it.")
+    elif method.target_modules == "all-linear":
         extra = peft_all_linear_extra_params(model, method.r)
         notes.append(f"note: PEFT's all-linear (peft 0.21, transformers 5) wraps the router and experts too "
                      f"(gate_up_proj at rank 2r): {human_count(pred.trainable_params - raw_adapter_params(model, method) + extra)} "

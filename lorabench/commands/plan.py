@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             prediction.update(timing.json_fields(step, budget, gpu))
         extra = {"model": model.name, "method": method.to_dict(), "train": train.to_record(),
                  "recipe": args.recipe, "prediction": prediction, "verdicts": [_verdict_json(c) for c in checks],
-                 "notes": method_notes(model, method, pred, train.param_dtype)}
+                 "notes": method_notes(model, method, pred, train)}
         if traced is not None:
             extra["traced"] = traced
         if explained is not None:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print(render(rows, args.format))
     if train.grad_accum_steps > 1:
         print(f"gradient accumulation x{train.grad_accum_steps}: same peak memory (one micro-batch at a time).")
-    for note in method_notes(model, method, pred, train.param_dtype):
+    for note in method_notes(model, method, pred, train):
         print(note)
     if pred.host_bytes:
         print(f"paged optimizer: {gib(pred.host_bytes)} GiB of states may page to host memory under pressure.")

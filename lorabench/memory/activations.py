@@ -157,7 +157,10 @@ def _swiglu(g: Graph, gu: Sym, numel: int) -> Sym:
 
 def _expert_matmul(g: Graph, inp: Sym, folded: Sym | None, out_numel: int, train: bool) -> Sym:
     """``inp @ W^T`` of an MoE raw parameter: saves ``inp`` iff W needs grad (``train``, or a folded W'),
-    and a folded W' iff ``inp`` needs grad (the parameter itself costs nothing to save)."""
+    and a folded W' iff ``inp`` needs grad (the parameter itself costs nothing to save). Under autocast the
+    input is first cast to the autocast dtype (an fp32 residual stream, as fp32 norms make it, gives a copy)."""
+    if g.autocast is not None:
+        inp = g.to(inp, g.autocast)
     if train or folded is not None:
         g.save(inp)
     if folded is not None and inp.requires_grad:

@@ -44,7 +44,7 @@ def make_config(method: str, knobs: Mapping[str, Any] | None = None) -> MethodCo
             owners = [m for m in METHOD_NAMES if key in knob_names(m)]
             hint = f"it belongs to {', '.join(owners)}" if owners else "see `lorabench plan --help`"
             raise UserError(f"knob {key!r} does not apply to method {method!r}", hint)
-    for key in ("target_modules", "feedforward_modules", "target_parameters"):
+    for key in ("target_modules", "feedforward_modules", "target_parameters", "rank_pattern", "alpha_pattern"):
         if key in values:
             values[key] = normalize_targets(values[key])
     try:

@@ -72,11 +72,14 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
 
         targets = sorted({m.leaf for m in lora_targets(spec, cfg)})
     from lorabench.methods.fused_experts import select_parameters
+    from lorabench.methods.lora.config import parse_pattern
 
     raw = [m.parameter_path for m in select_parameters(spec, cfg.target_parameters, cfg.name)]
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
                         target_modules=targets if targets == "all-linear" else list(targets), bias="none",
-                        target_parameters=raw or None, task_type="CAUSAL_LM")
+                        target_parameters=raw or None, task_type="CAUSAL_LM",
+                        rank_pattern={k: int(v) for k, v in parse_pattern(cfg.rank_pattern, "rank_pattern").items()},
+                        alpha_pattern=parse_pattern(cfg.alpha_pattern, "alpha_pattern"))
     with warnings.catch_warnings():  # for a 4-bit model PEFT asks the deprecated `is_gradient_checkpointing` too
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")

@@ -54,10 +54,13 @@ def _loss_and_grads(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
     return out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_logits_and_gradients_equal_peft(precision: str) -> None:
+PATTERNS = {"rank_pattern": "gate_up_proj=8,q_proj=2", "alpha_pattern": "gate_up_proj=32,v_proj=2"}
+
+
+@pytest.mark.parametrize("precision, knobs", [("fp32", {}), ("bf16", {}), ("fp32", PATTERNS)])
+def test_logits_and_gradients_equal_peft(precision: str, knobs: dict[str, str]) -> None:
     train = TrainSpec(precision=precision)
-    ours, theirs = _pair(train, _cfg())
+    ours, theirs = _pair(train, _cfg(**knobs))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     (la, ga), (lb, gb) = _loss_and_grads(ours, ids), _loss_and_grads(theirs, ids)
     assert sorted(ga) == sorted(gb) and len(ga) == 2 * (2 + 3) * 2  # 2 layers x (q, v, gate, gate_up, down) x (A, B)
@@ -69,8 +72,8 @@ def test_logits_and_gradients_equal_peft(precision: str) -> None:
 def test_trainable_count_matches_peft_and_planner() -> None:
     train = TrainSpec(precision="bf16")
     spec = load_model("mixtral-8x7b")
-    for targets in ("experts", "mlp.experts.down_proj", ALL_RAW):
-        cfg = _cfg(targets, target_modules="q_proj,k_proj,v_proj,o_proj")
+    for targets, knobs in (("experts", {}), ("mlp.experts.down_proj", {}), (ALL_RAW, PATTERNS)):
+        cfg = _cfg(targets, target_modules="q_proj,k_proj,v_proj,o_proj", **knobs)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             theirs = build_peft_model(spec, cfg, train, device="meta")
@@ -81,7 +84,7 @@ def test_trainable_count_matches_peft_and_planner() -> None:
 
 def test_saved_adapter_loads_in_peft(tmp_path: Any) -> None:
     train = TrainSpec(precision="fp32")
-    spec, cfg = load_model("tiny-mixtral"), _cfg()
+    spec, cfg = load_model("tiny-mixtral"), _cfg(**PATTERNS)
     ours, _ = _pair(train, cfg)
     lora_layer.save_adapter(ours, tmp_path, spec, cfg)
     with warnings.catch_warnings():
@@ -119,6 +122,9 @@ def test_planner_matches_trace(stack: str, model: str, checkpointing: bool) -> N
 
 
 @pytest.mark.parametrize("knobs, words", [
+    ({"rank_pattern": "o_proj"}, "rank_pattern entry 'o_proj' is not name=number"),
+    ({"rank_pattern": "o_proj=1.5"}, "not a positive integer"),
+    ({"alpha_pattern": "o_proj=-1"}, "must be positive"),
     ({"target_parameters": "experts", "lora_dropout": 0.1}, "lora_dropout must be 0"),
     ({"target_parameters": "experts", "use_dora": True}, "DoRA does not apply"),
 ])
@@ -131,3 +137,28 @@ def test_unknown_parameter_is_one_line() -> None:
     with pytest.raises(UserError, match="match no raw parameter of tiny-mixtral") as err:
         predict(load_model("tiny-mixtral"), _cfg("mlp.experts.up_proj"), TrainSpec(precision="bf16"))
     assert "choose among: experts, mlp.gate.weight" in err.value.fix
+
+
+def test_peft_stack_all_linear_adapts_the_experts_as_peft_does(capsys: Any) -> None:
+    """On the PEFT stack, all-linear on Mixtral means PEFT's conversion: router and experts too (gate_up_proj
+    at 2r): the planner's count equals PEFT's own, and its peak the trace of PEFT's model within 0.1%."""
+    from lorabench.cli import main
+    from lorabench.recipes import stack_method
+
+    spec = load_model("mixtral-8x7b")
+    train = TrainSpec(precision="bf16", gradient_checkpointing=True, stack="peft")
+    cfg = stack_method(spec, make_config("lora", {"r": 4, "target_modules": "all-linear"}), train)
+    assert cfg.target_parameters == ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = build_model(spec, train, device="meta")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    planned = predict(spec, cfg, train)
+    assert planned.trainable_params == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    traced = trace(spec, cfg, train, stack="peft").peak_bytes
+    assert abs(planned.peak_allocated_bytes - traced) / traced < 0.001
+    lorabench_stack = TrainSpec(precision="bf16", gradient_checkpointing=True)
+    assert stack_method(spec, make_config("lora", {"target_modules": "all-linear"}), lorabench_stack).target_parameters is None
+    assert main(["plan", "--model", "mixtral", "--recipe", "qlora-paper"]) == 2
+    assert "refuses lora_dropout != 0" in capsys.readouterr().err

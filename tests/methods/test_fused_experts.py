@@ -50,17 +50,17 @@ def test_target_parameters_on_experts_match_peft() -> None:
 def test_notes_say_what_lora_trains_on_mixtral() -> None:
     spec = load_model("mixtral")
     cfg = make_config("qlora", {"target_modules": "all-linear"})
-    notes = method_notes(spec, cfg, predict(spec, cfg, TRAIN))
+    notes = method_notes(spec, cfg, predict(spec, cfg, TRAIN), TRAIN)
     assert "q_proj, k_proj, v_proj, o_proj only (6.82M" in notes[0] and "--target-parameters experts" in notes[0]
     assert "179.83M trainable" in notes[1] and "bitsandbytes#1849" in notes[2] and "stay in 16-bit" in notes[2]
     dense = load_model("7b")
-    assert method_notes(dense, cfg, predict(dense, cfg, TRAIN)) == []
+    assert method_notes(dense, cfg, predict(dense, cfg, TRAIN), TRAIN) == []
 
 
 def test_notes_name_the_adapted_experts_and_their_fold() -> None:
     spec = load_model("mixtral")
     cfg = make_config("lora", {"target_parameters": "experts"})
-    notes = method_notes(spec, cfg, predict(spec, cfg, TRAIN))
+    notes = method_notes(spec, cfg, predict(spec, cfg, TRAIN), TRAIN)
     assert "through target_parameters, mlp.experts.gate_up_proj, mlp.experts.down_proj (108.27M" in notes[0]
     # E (2 I h + h I) bf16 elements a layer: 8 * 3 * 14336 * 4096 * 2 bytes = 2.62 GiB
     assert "(2.62 GiB a layer)" in notes[1]

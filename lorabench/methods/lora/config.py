@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from lorabench.errors import require
+from lorabench.errors import UserError, require
 from lorabench.methods.base import MethodConfig
+from lorabench.methods.targets import name_matches
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class LoraConfig(MethodConfig):
     """Raw parameters to adapt as PEFT's ``target_parameters`` (suffixes of parameter paths such as
     mlp.experts.gate_up_proj, or 'experts' for every fused expert tensor): Mixtral's fused experts (E x out x in)
     get lora_A (r E x in) and lora_B (out x r E); no dropout, DoRA or Conv1D there, as in PEFT."""
+    rank_pattern: str | tuple[str, ...] | None = None
+    """PEFT's rank_pattern as name=rank entries: the target whose module path (self_attn.o_proj) or raw
+    parameter path (mlp.experts.gate_up_proj) ends with name gets that rank instead of r (first match wins)."""
+    alpha_pattern: str | tuple[str, ...] | None = None
+    """PEFT's alpha_pattern as name=alpha entries, matched the same way: that target's lora_alpha."""
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
     use_dora: bool = False
@@ -47,8 +53,48 @@ class LoraConfig(MethodConfig):
             require(not self.use_dora, "DoRA does not apply to target_parameters (PEFT's ParamWrapper refuses it)",
                     "drop --use-dora, or target nn.Linear modules only")
         require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive", "pass --lora-alpha 16")
+        for key, rank in parse_pattern(self.rank_pattern, "rank_pattern").items():
+            require(rank == int(rank) and rank > 0, f"rank_pattern {key}={rank:g} is not a positive integer",
+                    "pass e.g. --rank-pattern o_proj=16")
+        for key, alpha in parse_pattern(self.alpha_pattern, "alpha_pattern").items():
+            require(alpha > 0, f"alpha_pattern {key}={alpha:g} must be positive", "pass e.g. --alpha-pattern o_proj=32")
 
     @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the target at ``path`` (a module or raw parameter path): rank_pattern's, else r."""
+        return int(_match(parse_pattern(self.rank_pattern, "rank_pattern"), path, self.r))
+
+    def alpha_for(self, path: str) -> float:
+        """The lora_alpha of the target at ``path``: alpha_pattern's, else lora_alpha."""
+        return _match(parse_pattern(self.alpha_pattern, "alpha_pattern"), path, self.lora_alpha)
+
+    def scaling_for(self, path: str) -> float:
+        """alpha / r of that target (alpha / sqrt(r) with rsLoRA), PEFT's per-target scaling."""
+        r = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def parse_pattern(entries: str | tuple[str, ...] | None, what: str) -> dict[str, float]:
+    """``("o_proj=16", ...)`` -> {"o_proj": 16.0}, in order.
+
+    Raises:
+        UserError: an entry that is not name=number.
+    """
+    out: dict[str, float] = {}
+    for entry in (entries,) if isinstance(entries, str) else entries or ():
+        key, sep, value = str(entry).partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise UserError(f"{what} entry {entry!r} is not name=number", f"pass e.g. --{what.replace('_', '-')} o_proj=16")
+    return out
+
+
+def _match(pattern: dict[str, float], path: str, default: float) -> float:
+    return next((v for k, v in pattern.items() if name_matches(path, k)), default)

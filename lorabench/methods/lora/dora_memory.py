@@ -32,7 +32,7 @@ def dora_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig, d
         weight_dtype: the dtype the frozen weight comes in (the parameter dtype; a 4-bit weight's original one).
         dequant_scratch_bytes: None for a dense base; for a 4-bit base the scratch its dequantization needs.
     """
-    n_in, n_out, r = m.in_features, m.out_features, cfg.r
+    n_in, n_out, r = m.in_features, m.out_features, cfg.rank_for(m.name)
     e = DTYPE_BYTES[dtype]
     quantized = dequant_scratch_bytes is not None
     graph_held = int((n_in * n_in + n_in * r + n_in * n_out) * e)  # eye, lora_A(eye), lora_weight

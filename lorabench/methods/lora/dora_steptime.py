@@ -73,7 +73,7 @@ def dora_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec,
     fwd, bwd = Work(), Work()
     for m in memory.targets(model, cfg):
         f, b = token_work(m, cfg, t, a, e)
-        fwd = fwd + f + weight_norm_work(m, cfg.r, a) + Work(0.0, weight_cast_bytes(m, a), 0)
+        fwd = fwd + f + weight_norm_work(m, cfg.rank_for(m.name), a) + Work(0.0, weight_cast_bytes(m, a), 0)
         bwd = bwd + b
     return fwd * model.num_layers, bwd * model.num_layers
 

@@ -144,9 +144,9 @@ class ParamLora(nn.Module):
         return f"parameter={self.parameter_name}, experts={self.num_experts}, r={self.r}, scaling={self.scaling:g}"
 
 
-def wrap_raw(model: nn.Module, chosen: tuple[MatrixSpec, ...], *, r: int, lora_alpha: float, use_rslora: bool,
-             dtype: torch.dtype) -> None:
-    """Wrap the ``chosen`` raw parameters of every decoder layer, nesting in the module's registration order."""
+def wrap_raw(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: Any, dtype: torch.dtype) -> None:
+    """Wrap the ``chosen`` raw parameters of every decoder layer, nesting in the module's registration order;
+    each with its rank and alpha from ``cfg`` (a LoraConfig: r / lora_alpha, or rank_pattern / alpha_pattern)."""
     for layer_path, _ in layer_module_paths(model):
         by_module: dict[str, list[str]] = {}
         for m in chosen:
@@ -156,7 +156,9 @@ def wrap_raw(model: nn.Module, chosen: tuple[MatrixSpec, ...], *, r: int, lora_a
             module = model.get_submodule(path)
             order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
             for name in order:
-                module = ParamLora(module, name, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, dtype=dtype)
+                key = f"{path.removeprefix(layer_path + '.')}.{name}"
+                module = ParamLora(module, name, r=cfg.rank_for(key), lora_alpha=cfg.alpha_for(key),
+                                   use_rslora=cfg.use_rslora, dtype=dtype)
             replace_module(model, path, module)
 
 

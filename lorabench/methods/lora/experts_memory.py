@@ -50,14 +50,17 @@ def adapted_weight(g: Graph, m: MatrixSpec, ctx: LayerCtx) -> Sym | None:
     """W' for an adapted raw parameter, None for one ``target_parameters`` leaves frozen."""
     if not any(m.name == t.name for t in raw_targets(ctx.model, ctx.method)):
         return None
-    return folded_weight(g, m, ctx.method.r, ctx.param_dtype, adapter_dtype(ctx.method, ctx.train))
+    return folded_weight(g, m, ctx.method.rank_for(m.parameter_path), ctx.param_dtype, adapter_dtype(ctx.method, ctx.train))
 
 
 def raw_adapter_params(model: ModelSpec, cfg: LoraConfig) -> int:
-    """L * sum over adapted raw parameters of copies * r * (in + out) (A: r E x in, B: out x r E)."""
-    return model.num_layers * sum(m.copies * cfg.r * (m.in_features + m.out_features) for m in raw_targets(model, cfg))
+    """L * sum over adapted raw parameters of copies * r * (in + out) (A: r E x in, B: out x r E; r per target,
+    :meth:`LoraConfig.rank_for`)."""
+    return model.num_layers * sum(m.copies * cfg.rank_for(m.parameter_path) * (m.in_features + m.out_features)
+                                  for m in raw_targets(model, cfg))
 
 
 def largest_raw_adapter_params(model: ModelSpec, cfg: LoraConfig) -> int:
     """The largest A or B of an adapted raw parameter (0 without ``target_parameters``)."""
-    return max((m.copies * cfg.r * max(m.in_features, m.out_features) for m in raw_targets(model, cfg)), default=0)
+    return max((m.copies * cfg.rank_for(m.parameter_path) * max(m.in_features, m.out_features)
+                for m in raw_targets(model, cfg)), default=0)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lorabench.errors import UserError
-from lorabench.methods.lora.config import LoraConfig
+from lorabench.methods.lora.config import LoraConfig, parse_pattern
 from lorabench.methods.targets import select
 from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_torch_dtype, freeze, is_conv1d,  # noqa: F401
                                       layer_module_paths, load_peft_state, module_device, replace_module,
@@ -138,8 +138,8 @@ def wrap_lora(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: LoraConfig,
         for matrix in chosen:
             path = f"{layer_path}.{matrix.name}"
             base = model.get_submodule(path)
-            wrapped = LoraLinear(base, matrix.in_features, matrix.out_features, r=cfg.r,
-                                 lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            wrapped = LoraLinear(base, matrix.in_features, matrix.out_features, r=cfg.rank_for(matrix.name),
+                                 lora_alpha=cfg.alpha_for(matrix.name), lora_dropout=cfg.lora_dropout,
                                  use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, dtype=dtype)
             replace_module(model, path, wrapped)
 
@@ -147,7 +147,7 @@ def wrap_lora(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: LoraConfig,
 def wrap_all(model: nn.Module, spec: ModelSpec, cfg: LoraConfig, dtype: torch.dtype) -> None:
     """LoraLinear on the targeted projections, ParamLora on the ``target_parameters`` (fused experts)."""
     wrap_lora(model, select(spec, cfg.target_modules, spec.traits.lora_default_targets, cfg.name), cfg, dtype)
-    wrap_raw(model, raw_targets(spec, cfg), r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, dtype=dtype)
+    wrap_raw(model, raw_targets(spec, cfg), cfg, dtype)
 
 
 def apply(model: nn.Module, spec: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> nn.Module:
@@ -207,6 +207,8 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
         "fan_in_fan_out": spec.traits.conv1d, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": cfg.use_dora,
         "target_parameters": sorted(m.parameter_path for m in raw_targets(spec, cfg)) or None,
+        "rank_pattern": {k: int(v) for k, v in parse_pattern(cfg.rank_pattern, "rank_pattern").items()},
+        "alpha_pattern": parse_pattern(cfg.alpha_pattern, "alpha_pattern"),
     }
     return save_peft_files(directory, config, state)
 

@@ -38,9 +38,9 @@ def check(model: ModelSpec, cfg: LoraConfig) -> None:
     """Refuse a rank above min(in, out) of a targeted matrix: B A then has more parameters than the full
     update it factors, and no more expressiveness (rank B A <= min(in, out))."""
     for m in targets(model, cfg):
-        limit = min(m.in_features, m.out_features)
-        require(cfg.r <= limit, f"lora rank r={cfg.r} exceeds min(in, out)={limit} of {m.name}",
-                f"pass --r {limit} or less")
+        limit, r = min(m.in_features, m.out_features), cfg.rank_for(m.name)
+        require(r <= limit, f"lora rank r={r} exceeds min(in, out)={limit} of {m.name}",
+                f"pass --r {limit} or less (or a smaller --rank-pattern entry)")
 
 
 def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
@@ -48,13 +48,13 @@ def trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
     (one magnitude per output feature), + the raw parameters' adapters (``target_parameters``)."""
     chosen = targets(model, cfg)
     dora = magnitude_params(chosen) if cfg.use_dora else 0
-    linears = model.num_layers * (sum(cfg.r * (m.in_features + m.out_features) for m in chosen) + dora)
+    linears = model.num_layers * (sum(cfg.rank_for(m.name) * (m.in_features + m.out_features) for m in chosen) + dora)
     return linears + raw_adapter_params(model, cfg)
 
 
 def largest_trainable_params(model: ModelSpec, cfg: LoraConfig) -> int:
     """The largest adapter tensor: A (r x in) or B (out x r) of a targeted matrix or raw parameter."""
-    linears = max(cfg.r * max(m.in_features, m.out_features) for m in targets(model, cfg))
+    linears = max(cfg.rank_for(m.name) * max(m.in_features, m.out_features) for m in targets(model, cfg))
     return max(linears, largest_raw_adapter_params(model, cfg))
 
 
@@ -74,8 +74,9 @@ def adapter_path(g: Graph, x: Sym, base_out: Sym, m: MatrixSpec, cfg: LoraConfig
         return dora_path(g, x, base_out, m, cfg, dtype, weight_dtype or dtype, dequant_scratch_bytes)
     g.hold(base_out)  # `result` stays in a variable while the adapter path runs
     xa = g.dropout(g.to(x, dtype), cfg.lora_dropout)
-    a = g.linear(xa, cfg.r, m.in_features, dtype, True)
-    b = g.linear(a, m.out_features, cfg.r, dtype, True)
+    r = cfg.rank_for(m.name)
+    a = g.linear(xa, r, m.in_features, dtype, True)
+    b = g.linear(a, m.out_features, r, dtype, True)
     out = g.add(base_out, g.scale(b))
     g.drop(base_out)
     return g.to(out, base_out.dtype)

@@ -51,8 +51,9 @@ def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work
     for m in raw_targets(model, cfg):
         e, i, o = m.copies, m.in_features, m.out_features
         rows = t * (model.experts_per_token if e > 1 else 1)
-        fwd = fwd + Work(2.0 * e * o * i * cfg.r, 2 * e * o * i * p + 2 * e * cfg.r * (i + o) * p, 3)
-        bwd = bwd + Work(2.0 * rows * o * i + 4.0 * e * o * i * cfg.r, rows * (i + o) * p + 3 * e * o * i * p, 5)
+        r = cfg.rank_for(m.parameter_path)
+        fwd = fwd + Work(2.0 * e * o * i * r, 2 * e * o * i * p + 2 * e * r * (i + o) * p, 3)
+        bwd = bwd + Work(2.0 * rows * o * i + 4.0 * e * o * i * r, rows * (i + o) * p + 3 * e * o * i * p, 5)
     return fwd * model.num_layers, bwd * model.num_layers
 
 
@@ -63,10 +64,10 @@ def lora_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work
     cast = a != e
     fwd = Work()
     for m in memory.targets(model, cfg):
-        i, o = m.in_features, m.out_features
-        flops = 2.0 * t * cfg.r * (i + o)
-        nbytes = (t * i * (e + a) if cast else 0) + t * i * a + 2 * t * cfg.r * a + t * o * a \
-            + t * o * (3 * a + e) + (t * o * (a + e) if cast else 0) + 2 * cfg.r * (i + o) * a
+        i, o, r = m.in_features, m.out_features, cfg.rank_for(m.name)
+        flops = 2.0 * t * r * (i + o)
+        nbytes = (t * i * (e + a) if cast else 0) + t * i * a + 2 * t * r * a + t * o * a \
+            + t * o * (3 * a + e) + (t * o * (a + e) if cast else 0) + 2 * r * (i + o) * a
         if cfg.lora_dropout > 0:
             nbytes += t * i * (2 * a + 1)
         fwd = fwd + Work(flops, nbytes, FORWARD_OPS + (1 if cfg.lora_dropout > 0 else 0))
