@@ -236,8 +236,6 @@ def commands(model: ModelSpec, gpu: GpuSpec, c: Candidate) -> tuple[str, str]:
         plan = f"lorabench plan --model {model.name} --recipe {c.recipe} --batch {t.micro_batch_size} --seq-len {t.seq_len}"
         run = (f"lorabench run model={model.name} recipe={c.recipe} train.micro_batch_size={t.micro_batch_size} "
                f"train.seq_len={t.seq_len}")
-        if t.stack != "lorabench":  # the runner executes lorabench's modules: the recipe's knobs on them
-            run += " train.stack=lorabench"
         if t.grad_accum_steps > 1:
             plan += f" --grad-accum {t.grad_accum_steps}"
             run += f" train.grad_accum_steps={t.grad_accum_steps}"

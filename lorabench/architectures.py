@@ -194,7 +194,8 @@ def _traits(model_type: str, cfg: Config) -> ArchTraits:
     base = _TRAITS[model_type]
     act = next((str(cfg[k]) for k in ("activation_function", "hidden_activation", "hidden_act")
                 if cfg.get(k) is not None), base.hidden_act)
-    return replace(base, hidden_act=act, final_logit_softcapping=bool(cfg.get("final_logit_softcapping")))
+    return replace(base, hidden_act=act, final_logit_softcapping=bool(cfg.get("final_logit_softcapping")),
+                   attn_logit_softcapping=bool(cfg.get("attn_logit_softcapping")))
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_PARSERS))
 

@@ -120,14 +120,16 @@ def job_payload(cfg: DictConfig, specs: JobSpecs, config: dict[str, Any]) -> dic
 
 
 def runnable(specs: JobSpecs, device: str = "cuda") -> str | None:
-    """Why this config cannot be measured on ``device`` (None when it can): the PEFT stack (the runner
-    executes lorabench's own modules only), a world that does not fit (``dist_launch.check_world``), or the
-    method's own refusal (``MethodConfig.run_problem``: the bitsandbytes CPU rows problem)."""
+    """Why this config cannot be measured on ``device`` (None when it can): what the PEFT stack cannot run
+    (:func:`lorabench.recipes.peft_stack_problem`), a world that does not fit (``dist_launch.check_world``), or
+    the method's own refusal (``MethodConfig.run_problem``: the bitsandbytes CPU rows problem)."""
+    from lorabench.recipes import peft_stack_problem
     from lorabench.runtime.dist_launch import check_world
 
-    if specs.train.stack != "lorabench":
-        return (f"train.stack={specs.train.stack}: lorabench run executes lorabench's own modules (the PEFT stack "
-                "is planned and traced only); add train.stack=lorabench to run these knobs on them")
+    if specs.train.stack == "peft":
+        problem = peft_stack_problem(specs.model, specs.method, specs.train, device)
+        if problem:
+            return problem
     return (check_world(specs.train.num_gpus, specs.train.sharding, device)
             or specs.method.run_problem(specs.model, device))
 

@@ -112,3 +112,33 @@ def stack_method(model: Any, method: Any, train: Any) -> Any:
     return dataclasses.replace(method, target_parameters=tuple(paths[name] for name, _ in extra),
                                rank_pattern=tuple(method.rank_pattern or ()) + ranks,
                                alpha_pattern=tuple(method.alpha_pattern or ()) + alphas)
+
+
+def peft_stack_supports(method: Any) -> bool:
+    """Whether lorabench can build ``method`` with PEFT's own modules: LoRA, or QLoRA (NF4, blocksize 64),
+    without DoRA."""
+    from lorabench.methods.lora.config import LoraConfig
+    from lorabench.methods.qlora.config import QLoraConfig
+
+    if type(method) is QLoraConfig:
+        return method.blocksize == 64 and not method.use_dora
+    return type(method) is LoraConfig and not method.use_dora
+
+
+def peft_stack_problem(model: Any, method: Any, train: Any, device: str) -> str | None:
+    """Why ``lorabench run`` cannot measure this config on the PEFT stack (None when it can): a method PEFT's
+    builder does not cover, several GPUs, or 4-bit rows bitsandbytes' CPU kernels get wrong
+    (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`)."""
+    if not peft_stack_supports(method):
+        return (f"train.stack=peft runs LoRA and QLoRA (NF4, blocksize 64, no DoRA) through PEFT, not this "
+                f"{method.name} config; use train.stack=lorabench")
+    if train.num_gpus > 1:
+        return "train.stack=peft runs on one device; use train.stack=lorabench for multi-GPU runs"
+    if device == "cpu" and hasattr(method, "double_quant"):
+        from lorabench.quant.sizes import bnb_cpu_row_problem
+
+        for matrix in model.quantized_matrices():
+            problem = bnb_cpu_row_problem(matrix.in_features)
+            if problem:
+                return f"{problem} ({model.name} {matrix.name}); use device=cuda"
+    return None

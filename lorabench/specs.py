@@ -104,6 +104,9 @@ class ArchTraits:
     """transformers runs the architecture with ``attn_implementation="sdpa"`` (not Gemma-2)."""
     final_logit_softcapping: bool = False
     """The LM head's logits go through tanh soft-capping (Gemma-2), which saves one more copy."""
+    attn_logit_softcapping: bool = False
+    """Eager attention scores go through tanh soft-capping (Gemma-2: cap * tanh(scores / cap)); tanh saves its
+    output, one more batch x heads x q x kv tensor per layer."""
     lora_default_targets: tuple[str, ...] = ("q_proj", "v_proj")
     """PEFT's default LoRA target_modules for this model_type (peft.utils.constants)."""
     ia3_default_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")

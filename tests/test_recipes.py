@@ -89,17 +89,21 @@ def test_the_stack_is_one_trainspec_field_recipes_set_and_flags_win() -> None:
         main(["plan", "--model", "7b", "--method", "lora", "--stack", "hf"])
 
 
-def test_run_refuses_the_peft_stack_it_does_not_execute() -> None:
+def test_run_executes_the_peft_stack_where_it_can_and_refuses_the_rest() -> None:
     from lorabench.errors import UserError
     from lorabench.sweep import check_job
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        peft = compose(config_name="config", overrides=["recipe=hf-lora", "model=tiny-llama", "device=cpu"])
-        ours = compose(config_name="config", overrides=["recipe=hf-lora", "model=tiny-llama", "device=cpu",
-                                                        "train.stack=lorabench"])
-    with pytest.raises(UserError, match="train.stack=peft: lorabench run executes lorabench's own modules"):
-        check_job(peft)
-    assert check_job(ours).train.stack == "lorabench"
+    def job(*overrides: str):  # type: ignore[no-untyped-def]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return compose(config_name="config", overrides=["model=tiny-llama", "device=cpu", *overrides])
+
+    assert check_job(job("recipe=hf-lora")).train.stack == "peft"
+    assert check_job(job("recipe=hf-lora", "train.stack=lorabench")).train.stack == "lorabench"
+    for overrides, words in ((("recipe=hf-qlora",), "mis-dequantize rows of 176"),  # bitsandbytes on the CPU
+                             (("method=prefix", "train.stack=peft"), "runs LoRA and QLoRA"),
+                             (("recipe=hf-lora", "train.num_gpus=2"), "runs on one device")):
+        with pytest.raises(UserError, match=words):
+            check_job(job(*overrides))
 
 
 def test_the_load_phase_scratch_is_the_quantizer_of_the_stack() -> None:

@@ -185,3 +185,15 @@ def test_bitsandbytes_on_the_cpu_with_rows_its_kernels_get_wrong_is_refused_befo
         check_job(compose("config", overrides=["device=cpu", "method=qlora"]))
         bnb = build_specs(compose("config", overrides=bnb_knobs))
     assert "mlp.down_proj" in str(runnable(bnb, "cpu")) and runnable(bnb, "cuda") is None
+
+
+def test_the_peft_stack_runs_for_real_and_records_its_stack(tmp_path: Path) -> None:
+    """recipe=hf-qlora / hf-lora execute PEFT's modules (QLoRA over bitsandbytes NF4, loaded as transformers
+    loads 4-bit) and record train.stack=peft; the measured peak is the planner's within 6% (a tiny model)."""
+    stdout, recs = run_sweep(tmp_path, "model=tiny-gemma2", "recipe=hf-qlora,hf-lora", "train.attention=eager",
+                             "train.precision=null", "train.seq_len=512")
+    assert [r["status"] for r in recs] == ["ok", "ok"], stdout
+    for r in recs:
+        assert r["config"]["train"]["stack"] == "peft"
+        measured, predicted = r["measured"]["tracker"]["peak_bytes"], r["predicted"]["peak_allocated_bytes"]
+        assert abs(predicted - measured) / measured < 0.06, (r["config"]["method"]["method"], measured, predicted)

@@ -80,7 +80,7 @@ def _attention_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
         v = g.cat(g.new(v_numel, v.dtype, v.requires_grad) if v is q else v, g.new(prefix_numel, v.dtype, True))
     repeat = nh // nkv if (eager or v_tokens) else 1
     out = g.attention(q, k, v, ctx.batch, nh, ctx.seq, kv_len, eager, repeat, out_numel=t * nh * d,
-                      masked=bool(v_tokens))
+                      masked=bool(v_tokens), softcap=ctx.model.traits.attn_logit_softcapping)
     return _proj(g, out, ctx, arch.attn_out)
 
 

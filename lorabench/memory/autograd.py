@@ -241,14 +241,17 @@ class Graph:
         return self.record((x,), self.new(x.numel, x.dtype, x.requires_grad or weight_grad))
 
     def attention(self, q: Sym, k: Sym, v: Sym, batch: int, heads: int, q_len: int, kv_len: int,
-                  eager: bool, repeat_kv_factor: int = 1, out_numel: int = 0, masked: bool = False) -> Sym:
+                  eager: bool, repeat_kv_factor: int = 1, out_numel: int = 0, masked: bool = False,
+                  softcap: bool = False) -> Sym:
         """Scaled dot-product attention.
 
         sdpa (flash / memory-efficient, and PyTorch's CPU flash kernel) saves q, k, v, out and an fp32
         logsumexp of batch*heads*q_len (Dao et al. 2022, arXiv:2205.14135: no s^2 buffer). When K/V are
         repeated for GQA (a mask forces transformers to call ``repeat_kv``), the expanded copies are saved.
         Eager attention materializes scores and probabilities (batch*heads*q_len*kv_len): the fp32 softmax
-        output is saved, and its 16-bit cast is saved by the second matmul.
+        output is saved, and its 16-bit cast is saved by the second matmul. With soft-capped scores (Gemma-2,
+        ``softcap``) tanh saves its output too, in the scores' dtype. Its backward holds softmax's fp32 input
+        gradient and result at once (checked against eager traces).
         """
         if repeat_kv_factor > 1:
             k = self.elementwise(k, numel=k.numel * repeat_kv_factor)
@@ -259,8 +262,13 @@ class Graph:
             probs = batch * heads * q_len * kv_len
             self.save(q, k, v)  # the two matmuls save their operands
             self.save(self.new(probs, "fp32", True))  # softmax(dtype=fp32) saves its result
+            if softcap:
+                self.save(self.new(probs, q.dtype, True))  # cap * tanh(scores / cap): tanh saves its result
             if q.dtype != "fp32":
                 self.save(self.new(probs, q.dtype, True))  # probs.to(q.dtype), saved by the second matmul
+            # Backward: softmax's fp32 input gradient and its result are alive together (2 x 4 B a score), once
+            # the 16-bit copy the second matmul saved is freed.
+            return self.record((q, k, v), out, transient_bytes=int(probs * (8 - (DTYPE_BYTES[q.dtype] if q.dtype != "fp32" else 0))))
         elif any_grad:
             self.save(q, k, v, out, self.new(batch * heads * q_len, "fp32", False))
             if masked:  # each layer turns the boolean mask into an additive one (b x 1 x q x kv), saved by sdpa

@@ -204,7 +204,8 @@ class Measurement:
         """(model, batch, optimizer) of this job, built on its device."""
         import torch
 
-        from lorabench.runtime.build import count_trainable, prepare_model
+        from lorabench.runtime.build import count_trainable
+        from lorabench.runtime.stacks import build_for_stack
         from lorabench.runtime.step import make_optimizer, synthetic_batch
 
         if self.device == "cuda" and self.cap_bytes is not None:
@@ -212,7 +213,7 @@ class Measurement:
             torch.cuda.set_per_process_memory_fraction(min(self.cap_bytes / total, 1.0))
         seed = int(self.config["seed"])
         t_build = time.perf_counter()
-        model = prepare_model(self.spec, self.method, self.train, device=self.device, seed=seed)
+        model = build_for_stack(self.spec, self.method, self.train, device=self.device, seed=seed)
         self.trainable_params = count_trainable(model)
         batch = synthetic_batch(self.spec.vocab_size, self.train.micro_batch_size, self.train.seq_len,
                                 self.device, seed)

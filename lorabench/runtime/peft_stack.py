@@ -15,20 +15,40 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
-from lorabench.errors import UserError, require
+from lorabench.errors import UserError
 from lorabench.methods.base import MethodConfig
 from lorabench.specs import ModelSpec, TrainSpec
 
 def supports(cfg: MethodConfig) -> bool:
-    """Whether this builder can translate the config into PEFT's: LoRA or QLoRA (NF4) without DoRA."""
-    from lorabench.methods.lora.config import LoraConfig
-    from lorabench.methods.qlora.config import QLoraConfig
+    """Whether this builder can translate the config into PEFT's (:func:`lorabench.recipes.peft_stack_supports`)."""
+    from lorabench.recipes import peft_stack_supports
 
-    if type(cfg) is QLoraConfig:
-        return cfg.blocksize == 64 and not getattr(cfg, "use_dora", False)
-    return type(cfg) is LoraConfig
+    return peft_stack_supports(cfg)
+
+
+def _base_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, device: str, seed: int,
+                quantized: bool) -> nn.Module:
+    """The transformers model before PEFT: bitsandbytes' 4-bit layers for QLoRA (meta ones for the tracer,
+    quantized ones on a real device, :mod:`lorabench.runtime.bnb_load`), else 16-bit, built on the device."""
+    from lorabench.runtime.build import TORCH_DTYPES, build_model, build_on_device
+
+    if quantized and device != "meta":
+        from lorabench.runtime.bnb_load import load_4bit
+
+        return load_4bit(spec, train, double_quant=cfg.double_quant, compute_dtype=TORCH_DTYPES[cfg.compute_dtype],
+                         device=device, seed=seed)
+    if torch.device(device).type not in ("cpu", "meta"):  # a GPU: never a CPU init of the full model
+        return build_on_device(spec, train, device=device, seed=seed)
+    model = build_model(spec, train, device=device, seed=seed)
+    if quantized:
+        from lorabench.runtime.bnb_stack import quantize_linears
+
+        quantize_linears(model, double_quant=cfg.double_quant, compute_dtype=TORCH_DTYPES[cfg.compute_dtype],
+                         weight_dtype=TORCH_DTYPES[train.load_dtype])
+    return model
 
 
 def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, device: str = "meta",
@@ -48,16 +68,10 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
         import_bitsandbytes()
     from peft import LoraConfig, get_peft_model
 
-    from lorabench.runtime.build import TORCH_DTYPES, build_model
+    from lorabench.runtime.build import TORCH_DTYPES
 
-    model = build_model(spec, train, device=device, seed=seed)
+    model = _base_model(spec, cfg, train, device, seed, quantized)
     if quantized:
-        from lorabench.runtime.bnb_stack import quantize_linears
-
-        require(device == "meta", "--stack peft builds QLoRA for the tracer only (meta weights)",
-                "use --stack lorabench for real QLoRA runs")
-        quantize_linears(model, double_quant=cfg.double_quant, compute_dtype=TORCH_DTYPES[cfg.compute_dtype],
-                         weight_dtype=TORCH_DTYPES[train.load_dtype])
         if train.prepare_kbit:
             from peft import prepare_model_for_kbit_training
 

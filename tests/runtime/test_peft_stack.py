@@ -48,3 +48,28 @@ def test_cast_norms_casts_exactly_the_norms_the_planner_counts(model: str) -> No
     assert cast_norms(hf, "fp32") == spec.params_by_kind()["norms"]
     fp32 = {n for n, p in hf.named_parameters() if p.dtype == torch.float32}
     assert sum(p.numel() for n, p in hf.named_parameters() if n in fp32) == spec.params_by_kind()["norms"]
+
+
+def test_real_peft_qlora_is_loaded_in_4bit_as_transformers_does() -> None:
+    """A real (not meta) PEFT-stack QLoRA: every linear but lm_head a quantized bitsandbytes Linear4bit whose
+    weights dequantize to N(0, initializer_range), PEFT's adapters on top, trainable count = the planner's."""
+    import torch
+
+    from lorabench.quant.bnb_backend import import_bitsandbytes
+    from lorabench.runtime.stacks import build_for_stack
+
+    bnb = import_bitsandbytes()
+    spec, cfg = load_model("tiny-gemma2"), make_config("qlora")
+    train = TrainSpec(precision="bf16", attention="eager", stack="peft")
+    model = build_for_stack(spec, cfg, train, device="cpu", seed=1)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == spec.num_layers * len(spec.quantized_matrices())
+    weight = layers[0].weight
+    assert weight.dtype == torch.uint8 and weight.device.type == "cpu" and weight.bnb_quantized
+    std = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float().std().item()
+    assert std == pytest.approx(0.02, rel=0.1)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == predict(spec, cfg, train).trainable_params
+    ids = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert abs(float(loss) - torch.log(torch.tensor(float(spec.vocab_size)))) < 0.5

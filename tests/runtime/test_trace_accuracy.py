@@ -25,6 +25,8 @@ CASES = [(model, method, ckpt) for model in ("qwen2.5-0.5b", "gpt2") for method 
 # MoE: Mixtral-8x7B's fused experts (full size, still seconds under fake tensors). bf16 only: transformers'
 # grouped-mm experts kernel takes no fp32 weights (bf16-mixed), on the CPU at least.
 CASES += [("mixtral-8x7b", method, False) for method in ("full", "lora", "ia3")] + [("mixtral-8x7b", "lora", True)]
+# Gemma-2: eager attention (its default) with soft-capped scores, alternating sliding-window layers.
+CASES += [("gemma-2-9b", "lora", False), ("gemma-2-9b", "lora", True), ("gemma-2-9b", "qlora", False)]
 
 
 def assert_close_to_trace(pred, traced, peak_tolerance: float = 0.03) -> None:  # type: ignore[no-untyped-def]
@@ -44,7 +46,8 @@ def test_planner_within_3pct_of_trace(model: str, method: str, ckpt: bool) -> No
     spec = load_model(model)
     cfg = make_config(method)
     train = TrainSpec(micro_batch_size=2, seq_len=128, gradient_checkpointing=ckpt,
-                      precision="bf16-mixed" if method == "full" and model != "mixtral-8x7b" else "bf16")
+                      precision="bf16-mixed" if method == "full" and model != "mixtral-8x7b" else "bf16",
+                      attention=spec.traits.default_attention)
     assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train))
 
 
@@ -110,3 +113,16 @@ def test_recipe_within_0_1pct_of_trace(recipe: str) -> None:
                                       "--seq-len", "128"])
     spec, cfg, train = specs_from_args(args)
     assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train, stack="peft"), peak_tolerance=0.001)
+
+
+@pytest.mark.parametrize("model, seq, ckpt, tolerance", [
+    ("gemma-2-9b", 2048, False, 0.005),   # soft-capped scores: tanh's saved output was 8.6% of the peak
+    ("tiny-llama", 512, False, 0.03),     # eager backward: softmax's fp32 gradients (18.8% on this shape)
+    ("tiny-llama", 512, True, 0.03),
+])
+def test_eager_attention_long_sequences(model: str, seq: int, ckpt: bool, tolerance: float) -> None:
+    from lorabench.runtime.trace import trace
+
+    spec, cfg = load_model(model), make_config("lora")
+    train = TrainSpec(seq_len=seq, gradient_checkpointing=ckpt, precision="bf16", attention="eager")
+    assert_close_to_trace(predict(spec, cfg, train), trace(spec, cfg, train), peak_tolerance=tolerance)
