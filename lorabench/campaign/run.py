@@ -90,7 +90,7 @@ def compose(settings: Settings, overrides: tuple[str, ...]) -> DictConfig:
 
 
 #: Config groups (selected by name, composed by Hydra); every other override is a value.
-_GROUPS = ("model", "method", "optimizer", "train", "gpu", "sweep")
+_GROUPS = ("model", "method", "optimizer", "train", "gpu", "sweep", "recipe")
 _COMPOSED: dict[tuple, DictConfig] = {}
 
 
