@@ -95,7 +95,7 @@ def _shardings(num_gpus: int) -> tuple[str, ...]:
 
 def method_variants(model: ModelSpec) -> tuple[tuple[str, dict[str, Any]], ...]:
     """The searched (method, knobs): :data:`METHOD_VARIANTS`, plus :data:`EXPERT_VARIANTS` on MoE models."""
-    return METHOD_VARIANTS + (EXPERT_VARIANTS if any(m.copies > 1 and not m.is_linear for m in model.matrices) else ())
+    return METHOD_VARIANTS + (EXPERT_VARIANTS if model.has_fused_experts else ())
 
 
 def _combos(model: ModelSpec, num_gpus: int) -> Iterator[tuple[str, dict[str, Any], bool, str, str, str]]:

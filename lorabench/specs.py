@@ -211,6 +211,12 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def has_fused_experts(self) -> bool:
+        """Experts stored as raw 3-D parameters (Mixtral on transformers >= 5), which only LoRA's
+        ``target_parameters`` can adapt."""
+        return any(m.copies > 1 and not m.is_linear for m in self.matrices)
+
     def linear_matrices(self) -> tuple[MatrixSpec, ...]:
         """Matrices that are ``nn.Linear``/``Conv1D`` modules (PEFT targets, QLoRA-quantized)."""
         return tuple(m for m in self.matrices if m.is_linear)

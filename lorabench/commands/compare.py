@@ -18,6 +18,7 @@ from lorabench.commands.common import (add_cost_args, add_format_arg, add_model_
 from lorabench.memory.categories import PLANNER_COMPONENTS
 from lorabench.memory.planner import fits, max_micro_batch, predict
 from lorabench.methods import CONFIGS, METHOD_NAMES, PAIRINGS, make_config
+from lorabench.recipes import stack_method
 from lorabench.render import render
 from lorabench.steptime.cost import summary
 from lorabench.units import gib, human_count
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def specs(model: Any, name: str, args: argparse.Namespace, knobs: dict | None = None) -> tuple[Any, Any]:
     """(method config, TrainSpec) of one compare row: the method's defaults under the recipe's knobs and
     ``knobs``, the shared training flags resolved for that method (:mod:`lorabench.resolve`)."""
-    return make_config(name, {**knobs_with_recipe(args, name), **(knobs or {})}), train_from_args(args, name, model)
+    train = train_from_args(args, name, model)
+    return stack_method(model, make_config(name, {**knobs_with_recipe(args, name), **(knobs or {})}), train), train
 
 
 def _evaluate(model: Any, name: str, args: argparse.Namespace, gpu: Any, budget: Any, knobs: dict | None = None) -> dict:
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     budget = budget_from_args(args)
     evals = {name: _evaluate(model, name, args, gpu, budget) for name in METHOD_NAMES}
     for name in METHOD_NAMES:  # variants a method config declares (lora: dora = use_dora), after the methods
-        for label, knobs in CONFIGS[name].COMPARE_VARIANTS.items():
+        for label, knobs in CONFIGS[name].compare_variants(model).items():
             evals[label] = {**_evaluate(model, name, args, gpu, budget, knobs), "label": label}
     rows = [_row(model, ev, gpu, budget, args.breakdown) for ev in evals.values()]
     notes = ratios(model, args, gpu, budget, evals)

@@ -45,6 +45,11 @@ class MethodConfig:
                 "use fp32 (default), bf16, fp16 or base")
 
     @classmethod
+    def compare_variants(cls, model: Any) -> dict[str, dict[str, Any]]:
+        """The extra ``compare`` rows for ``model`` (a ModelSpec): :attr:`COMPARE_VARIANTS` by default."""
+        return dict(cls.COMPARE_VARIANTS)
+
+    @classmethod
     def label_for(cls, knobs: Mapping[str, Any]) -> str:
         """The report label of a run with these (recorded) knobs: the method's name."""
         return cls.name

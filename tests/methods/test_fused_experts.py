@@ -73,3 +73,20 @@ def test_qlora_keeps_mixtral_experts_in_16_bit() -> None:
     attention = spec.num_layers * sum(m.weight_params for m in spec.linear_matrices())
     assert spec.num_layers * sum(m.weight_params for m in spec.quantized_matrices()) == attention
     assert pred.components["weights"] == (spec.total_params - attention) * 2
+
+
+def test_compare_adds_expert_rows_on_moe_models_only(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lorabench.cli import main
+
+    def methods(model: str) -> dict[str, int]:
+        assert main(["compare", "--model", model, "--format", "json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        return {(m["method"]["method"] + ("+experts" if m["method"].get("target_parameters") else "")):
+                m["prediction"]["trainable_params"] for m in doc["methods"] if not m["method"].get("use_dora")}
+
+    moe = methods("mixtral")
+    experts = 32 * 8 * 8 * ((4096 + 2 * 14336) + (14336 + 4096))  # L E r (in + out), gate_up and down
+    assert moe["lora+experts"] == moe["lora"] + experts and "qlora+experts" in moe
+    assert not any("+experts" in name for name in methods("7b"))

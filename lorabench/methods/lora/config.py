@@ -59,6 +59,13 @@ class LoraConfig(MethodConfig):
         for key, alpha in parse_pattern(self.alpha_pattern, "alpha_pattern").items():
             require(alpha > 0, f"alpha_pattern {key}={alpha:g} must be positive", "pass e.g. --alpha-pattern o_proj=32")
 
+    @classmethod
+    def compare_variants(cls, model: Any) -> dict[str, dict[str, Any]]:
+        """:attr:`COMPARE_VARIANTS`, plus ``<name>+experts`` (``target_parameters=experts``) on a model whose
+        experts are fused raw parameters."""
+        experts = {f"{cls.name}+experts": {"target_parameters": "experts"}} if model.has_fused_experts else {}
+        return {**cls.COMPARE_VARIANTS, **experts}
+
     @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
