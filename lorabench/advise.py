@@ -161,7 +161,7 @@ def _recipe_candidates(model: ModelSpec, gpu: GpuSpec, budget: GpuSpec, seq_len:
     """Each recipe that selects a method (conf/recipe/*.yaml, its knobs as the stack sets them), walked by
     micro-batch like the other combinations (stops at the first that does not fit); stacks' refusals skipped."""
     from lorabench.errors import UserError
-    from lorabench.recipes import check_stack, load_recipe, recipe_names
+    from lorabench.recipes import check_stack, load_recipe, recipe_names, stack_method
     from lorabench.resolve import resolve_train
 
     out: list[Candidate] = []
@@ -178,12 +178,13 @@ def _recipe_candidates(model: ModelSpec, gpu: GpuSpec, budget: GpuSpec, seq_len:
                       "grad_accum_steps": global_batch // (num_gpus * b)}
             try:
                 train = resolve_train(fields, recipe.method, model, recipe.optimizer)
-                check_stack(method, train, get_method(recipe.method).estimator)
+                applied = stack_method(model, method, train)
+                check_stack(applied, train, get_method(recipe.method).estimator)
             except UserError:
                 break
-            pred = predict(model, method, train, gpu)
+            pred = predict(model, applied, train, gpu)
             verdict = fits(pred, budget)
-            cand = Candidate(method, train, pred, predict_time(model, method, train, gpu), verdict.fits,
+            cand = Candidate(applied, train, pred, predict_time(model, applied, train, gpu), verdict.fits,
                              verdict.headroom_bytes, tokens, price, recipe=name)
             out.append(cand)
             if not verdict.fits:
