@@ -31,7 +31,9 @@ METHOD_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 #: Extra variants for models with fused MoE experts: LoRA on the experts too (``target_parameters``).
 EXPERT_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("lora", {"r": 16, "target_modules": "all-linear", "target_parameters": "experts"}),
+    ("lora", {"r": 16, "target_modules": "all-linear", "target_parameters": "experts", "experts_path": "routed"}),
     ("qlora", {"r": 16, "target_parameters": "experts"}),
+    ("qlora", {"r": 16, "target_parameters": "experts", "experts_path": "routed"}),
 )
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 PEFT_ADAPTER_DTYPES = ("fp32", "bf16")

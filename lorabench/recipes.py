@@ -94,6 +94,9 @@ def stack_method(model: Any, method: Any, train: Any) -> Any:
     Raises:
         UserError: dropout or DoRA with that conversion: PEFT's ParamWrapper refuses both (checked against peft).
     """
+    if train.stack == "peft" and getattr(method, "experts_path", "fold") != "fold":
+        raise UserError("experts_path=routed is lorabench's own expert path; PEFT folds (ParamWrapper)",
+                        "drop --experts-path, or plan lorabench's runtime (--stack lorabench)")
     extra = model.traits.peft_all_linear_parameters
     if train.stack != "peft" or not extra or getattr(method, "target_modules", None) != "all-linear" \
             or getattr(method, "target_parameters", "given"):

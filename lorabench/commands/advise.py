@@ -36,7 +36,7 @@ def _knobs(c: Any) -> str:
         return f"recipe {c.recipe}"
     d = c.method.to_dict()
     bits = [f"r={d['r']}" if "r" in d else "", "all-linear" if d.get("target_modules") == "all-linear" else "",
-            "+experts" if d.get("target_parameters") else "",
+            ("+experts" + ("/routed" if d.get("experts_path") == "routed" else "")) if d.get("target_parameters") else "",
             f"{d['backend']}" if d.get("backend") == "bitsandbytes" else "", f"{d['adapter_dtype']} weights"
             if not get_method(c.method.name).estimator.trains_base else ""]
     return " ".join(b for b in bits if b)

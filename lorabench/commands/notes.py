@@ -28,10 +28,14 @@ def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, train
         folded = sum(m.copies * m.in_features * m.out_features for m in raw) * DTYPE_BYTES[train.param_dtype] / GIB
         notes = [f"note: LoRA trains {modules} and, through target_parameters, "
                  f"{', '.join(m.parameter_path for m in raw)} ({human_count(pred.trainable_params)} parameters)."]
-        if any(m.copies > 1 for m in raw):
+        if any(m.copies > 1 for m in raw) and method.experts_path == "routed":
+            notes.append("note: experts_path=routed: the routed tokens go through A and B beside the frozen experts; "
+                         "nothing weight-sized is made or saved (PEFT's fold would add "
+                         f"{folded:.2f} GiB a layer).")
+        elif any(m.copies > 1 for m in raw):
             notes.append(f"note: each layer's forward folds W + B A into a full-size copy of the adapted expert "
                          f"tensors ({folded:.2f} GiB a layer), saved for backward: gradient checkpointing keeps "
-                         f"one layer's.")
+                         f"one layer's; --experts-path routed (lorabench's runtime) makes none.")
     else:
         notes = [f"note: {model.display}'s router and experts are raw parameters, not nn.Linear modules: LoRA "
                  f"trains {modules} only ({human_count(pred.trainable_params)} parameters); pass "

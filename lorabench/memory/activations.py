@@ -131,14 +131,14 @@ def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     train = ctx.train_base
     router, gate_up, down_proj = _moe_matrices(m)
     # Each folded weight is made when the forward first reads the parameter, right before its matmul.
-    logits = _expert_matmul(g, x, ctx.hooks.adapted_weight(g, router, ctx), t * m.num_experts, train)
+    logits = _expert_matmul(g, x, ctx.hooks.adapted_weight(g, router, ctx), router, t, train)
     if logits.requires_grad:
         g.save(g.new(t * m.num_experts, "fp32", True))  # softmax's output
     weights = g.record((logits,), g.new(t * k, "fp32", logits.requires_grad))  # top-k, renormalized
     routed = g.elementwise(x, numel=t * k * h)  # hidden_states[perm // k]: saves the (int64) indices only
-    gu = _expert_matmul(g, routed, ctx.hooks.adapted_weight(g, gate_up, ctx), t * k * 2 * inter, train)
+    gu = _expert_matmul(g, routed, ctx.hooks.adapted_weight(g, gate_up, ctx), gate_up, t * k, train)
     prod = _swiglu(g, gu, t * k * inter)
-    down = _expert_matmul(g, prod, ctx.hooks.adapted_weight(g, down_proj, ctx), t * k * h, train)
+    down = _expert_matmul(g, prod, ctx.hooks.adapted_weight(g, down_proj, ctx), down_proj, t * k, train)
     weighted = g.mul(down, weights, numel=t * k * h)
     return g.record((weighted,), g.new(t * h, x.dtype, weighted.requires_grad))  # summed over the k experts
 
@@ -155,17 +155,18 @@ def _swiglu(g: Graph, gu: Sym, numel: int) -> Sym:
     return g.record((gu,), out)
 
 
-def _expert_matmul(g: Graph, inp: Sym, folded: Sym | None, out_numel: int, train: bool) -> Sym:
-    """``inp @ W^T`` of an MoE raw parameter: saves ``inp`` iff W needs grad (``train``, or a folded W'),
-    and a folded W' iff ``inp`` needs grad (the parameter itself costs nothing to save). Under autocast the
-    input is first cast to the autocast dtype (an fp32 residual stream, as fp32 norms make it, gives a copy)."""
+def _expert_matmul(g: Graph, inp: Sym, folded: Sym | None, m: MatrixSpec, rows: int, train: bool) -> Sym:
+    """``inp @ W^T`` (``rows`` x ``m.out_features``) of an MoE raw parameter: saves ``inp`` iff W needs grad
+    (``train``, or a folded W'), and a folded W' iff ``inp`` needs grad (the parameter itself costs nothing to
+    save). Under autocast the input is first cast to the autocast dtype (an fp32 residual stream, as fp32 norms
+    make it, gives a copy). With LoRA's routed expert path ``folded`` is the cast factors, not a W'."""
     if g.autocast is not None:
         inp = g.to(inp, g.autocast)
     if train or folded is not None:
         g.save(inp)
     if folded is not None and inp.requires_grad:
         g.save(folded)
-    out = g.new(out_numel, inp.dtype, inp.requires_grad or train or folded is not None)
+    out = g.new(rows * m.out_features, inp.dtype, inp.requires_grad or train or folded is not None)
     return g.record((inp,) if folded is None else (inp, folded), out)
 
 

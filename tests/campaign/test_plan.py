@@ -105,7 +105,7 @@ def test_the_gpu_preset_plans_and_every_job_passes_the_runners_checks() -> None:
         checked = run.check_all(settings, jobs)
     validate = [j for j in jobs if j.stage == "validate"]
     probes = [j for j in jobs if j.stage == "probes"]
-    assert len(validate) == 3 * 6 * 8 + 8 + 7 and len(checked) == len(jobs)  # + the Mixtral and recipe extra jobs
+    assert len(validate) == 3 * 6 * 8 + 8 + 9 and len(checked) == len(jobs)  # + the Mixtral and recipe extra jobs
     assert validate[0].overrides[:2] == ("model=qwen2.5-0.5b", "method=full")
     caps = [int(dict(o.split("=", 1) for o in j.overrides)["memory_cap_bytes"]) for j in probes]
     assert len(probes) == 10 and len(set(caps)) == 5  # a config below and one above each emulated card

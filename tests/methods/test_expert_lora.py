@@ -162,3 +162,67 @@ def test_peft_stack_all_linear_adapts_the_experts_as_peft_does(capsys: Any) -> N
     assert stack_method(spec, make_config("lora", {"target_modules": "all-linear"}), lorabench_stack).target_parameters is None
     assert main(["plan", "--model", "mixtral", "--recipe", "qlora-paper"]) == 2
     assert "refuses lora_dropout != 0" in capsys.readouterr().err
+
+
+def _fold_and_routed(precision: str) -> tuple[Any, Any]:
+    spec, train = load_model("tiny-mixtral"), TrainSpec(precision=precision)
+    models = []
+    for path in ("fold", "routed"):
+        model = prepare_model(spec, _cfg("experts", experts_path=path), train, device="cpu", seed=3)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for p in lora_layer.adapter_state(model).values():
+                p.normal_(0, 0.5)
+        models.append(model)
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("precision, atol, rtol", [("fp32", 1e-5, 1e-4), ("bf16", 3e-2, 6e-2)])
+def test_routed_path_computes_what_the_fold_computes(precision: str, atol: float, rtol: float) -> None:
+    """x (W + s B A)^T = x W^T + s (x A^T) B^T: the same logits and adapter gradients (bf16: the fold rounds
+    W + s B A to bf16, the routed path rounds the two products)."""
+    fold, routed = _fold_and_routed(precision)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    (la, ga), (lb, gb) = _loss_and_grads(fold, ids), _loss_and_grads(routed, ids)
+    assert torch.allclose(la, lb, atol=atol)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=rtol * float(ga[name].abs().max()) + 1e-12), name
+
+
+def test_routed_adapters_load_in_peft(tmp_path: Any) -> None:
+    spec, cfg = load_model("tiny-mixtral"), _cfg("experts", experts_path="routed")
+    _, routed = _fold_and_routed("fp32")
+    lora_layer.save_adapter(routed, tmp_path, spec, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build_model(spec, TrainSpec(precision="fp32"), device="cpu", seed=3),
+                                                tmp_path)
+    routed.eval()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(routed(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("model, batch, seq, ckpt, tolerance", [
+    ("tiny-mixtral", 1, 512, False, 0.035),  # the int64 routing indices, as for the fold
+    ("mixtral-8x7b", 1, 512, True, 0.001),
+    ("mixtral-8x7b", 4, 2048, True, 0.01),
+])
+def test_routed_planner_matches_trace(model: str, batch: int, seq: int, ckpt: bool, tolerance: float) -> None:
+    spec, cfg = load_model(model), make_config("lora", {"target_parameters": "experts", "experts_path": "routed"})
+    train = TrainSpec(micro_batch_size=batch, seq_len=seq, precision="bf16", gradient_checkpointing=ckpt)
+    traced = trace(spec, cfg, train).peak_bytes
+    assert abs(predict(spec, cfg, train).peak_allocated_bytes - traced) / traced < tolerance
+
+
+def test_routed_path_saves_the_folds_memory_and_peft_refuses_it() -> None:
+    from lorabench.recipes import stack_method
+
+    spec, train = load_model("mixtral-8x7b"), TrainSpec(precision="bf16")
+    fold, routed = (predict(spec, _cfg("experts", experts_path=p), train) for p in ("fold", "routed"))
+    per_layer = 8 * 3 * 14336 * 4096 * 2  # the folded copies of gate_up and down, bf16
+    assert fold.components["activations"] - routed.components["activations"] > 0.95 * 32 * per_layer
+    with pytest.raises(UserError, match="experts_path=routed is lorabench's own"):
+        stack_method(spec, _cfg("experts", experts_path="routed"), TrainSpec(precision="bf16", stack="peft"))
+    with pytest.raises(UserError, match="experts_path 'fused' is unknown"):
+        _cfg("experts", experts_path="fused")

@@ -30,6 +30,10 @@ class LoraConfig(MethodConfig):
     """Raw parameters to adapt as PEFT's ``target_parameters`` (suffixes of parameter paths such as
     mlp.experts.gate_up_proj, or 'experts' for every fused expert tensor): Mixtral's fused experts (E x out x in)
     get lora_A (r E x in) and lora_B (out x r E); no dropout, DoRA or Conv1D there, as in PEFT."""
+    experts_path: str = "fold"
+    """How LoRA on fused expert tensors runs: fold (PEFT's ParamWrapper: W + B A materialized for every expert
+    in every forward, saved for backward) or routed (lorabench: the routed tokens through A and B beside the
+    frozen experts; nothing weight-sized, no weight-gradient matmul)."""
     rank_pattern: str | tuple[str, ...] | None = None
     """PEFT's rank_pattern as name=rank entries: the target whose module path (self_attn.o_proj) or raw
     parameter path (mlp.experts.gate_up_proj) ends with name gets that rank instead of r (first match wins)."""
@@ -47,6 +51,8 @@ class LoraConfig(MethodConfig):
                 "pass --r 8 (or any integer >= 1)")
         require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is outside [0, 1)",
                 "pass --lora-dropout 0.05 for example")
+        require(self.experts_path in ("fold", "routed"), f"experts_path {self.experts_path!r} is unknown",
+                "use fold (PEFT's ParamWrapper) or routed (lorabench's)")
         if self.target_parameters:
             require(self.lora_dropout == 0, "lora_dropout must be 0 with target_parameters (PEFT's ParamWrapper "
                     "cannot apply dropout to a raw parameter's input)", "pass --lora-dropout 0")
@@ -61,9 +67,11 @@ class LoraConfig(MethodConfig):
 
     @classmethod
     def compare_variants(cls, model: Any) -> dict[str, dict[str, Any]]:
-        """:attr:`COMPARE_VARIANTS`, plus ``<name>+experts`` (``target_parameters=experts``) on a model whose
-        experts are fused raw parameters."""
-        experts = {f"{cls.name}+experts": {"target_parameters": "experts"}} if model.has_fused_experts else {}
+        """:attr:`COMPARE_VARIANTS`, plus ``<name>+experts`` (``target_parameters=experts``, PEFT's fold) and
+        ``<name>+experts/routed`` on a model whose experts are fused raw parameters."""
+        experts = {f"{cls.name}+experts": {"target_parameters": "experts"},
+                   f"{cls.name}+experts/routed": {"target_parameters": "experts", "experts_path": "routed"}} \
+            if model.has_fused_experts else {}
         return {**cls.COMPARE_VARIANTS, **experts}
 
     @property

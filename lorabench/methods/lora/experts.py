@@ -56,9 +56,10 @@ class ParamLora(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, *, r: int, lora_alpha: float,
-                 use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32, routed: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.routed = routed
         self.parameter_name = parameter_name
         param = self.parameter()
         self.transposed = False
@@ -77,6 +78,10 @@ class ParamLora(nn.Module):
         self.lora_A = UninitLinear(self.in_features, self.r * self.num_experts, **kw)
         self.lora_B = UninitLinear(self.r * self.num_experts, self.out_features, **kw)
         self.merged = False
+        if routed:
+            from lorabench.methods.lora.experts_routed import check_routable
+
+            check_routable(self.raw_module())
         if param.device.type != "meta":
             self.reset_lora_parameters()
 
@@ -129,10 +134,23 @@ class ParamLora(nn.Module):
                 self.parameter().sub_(self.delta_weight().to(self.parameter().dtype))
             self.merged = False
 
+    def chain(self) -> dict[str, "ParamLora"]:
+        """Every ParamLora down to the raw module, by parameter name (this one included)."""
+        out: dict[str, ParamLora] = {}
+        module: nn.Module = self
+        while isinstance(module, ParamLora):
+            out[module.parameter_name] = module
+            module = module.base_layer
+        return out
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:
             return self.base_layer(*args, **kwargs)
         raw = self.raw_module()
+        if self.routed:  # the outermost wrapper runs the whole experts module (experts_routed.py)
+            from lorabench.methods.lora.experts_routed import routed_experts_forward
+
+            return routed_experts_forward(raw, self.chain(), *args, **kwargs)
         parametrize.register_parametrization(raw, self.parameter_name, _Fold(self), unsafe=True)
         try:
             with parametrize.cached():
@@ -157,9 +175,15 @@ def wrap_raw(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: Any, dtype: 
             order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
             for name in order:
                 key = f"{path.removeprefix(layer_path + '.')}.{name}"
+                routed = cfg.experts_path == "routed" and module_path_is_experts(key)
                 module = ParamLora(module, name, r=cfg.rank_for(key), lora_alpha=cfg.alpha_for(key),
-                                   use_rslora=cfg.use_rslora, dtype=dtype)
+                                   use_rslora=cfg.use_rslora, dtype=dtype, routed=routed)
             replace_module(model, path, module)
+
+
+def module_path_is_experts(parameter_path: str) -> bool:
+    """A fused expert tensor's path (``mlp.experts.gate_up_proj``), not a 2-D weight's (``mlp.gate.weight``)."""
+    return not parameter_path.endswith(".weight")
 
 
 def raw_lora_modules(model: nn.Module) -> list[tuple[str, ParamLora]]:

@@ -46,11 +46,23 @@ def folded_weight(g: Graph, m: MatrixSpec, r: int, param_dtype: str, lora_dtype:
     return g.record((), g.new(e * o * i, param_dtype, True), param_grad_bytes=int(grads), transient_bytes=int(scratch))
 
 
+def routed_factors(g: Graph, m: MatrixSpec, r: int, param_dtype: str, lora_dtype: str) -> Sym:
+    """``experts_path="routed"`` (:mod:`lorabench.methods.lora.experts_routed`): what the expert matmul uses
+    besides the frozen tensor is A and B cast to the activations' dtype (copies r (in + out) elements, saved
+    for the input gradient); the matmul still saves its input for A's gradient, and nothing weight-sized exists."""
+    e, i, o = m.copies, m.in_features, m.out_features
+    grads = e * r * (i + o) * DTYPE_BYTES[lora_dtype]
+    return g.record((), g.new(e * r * (i + o), param_dtype, True), param_grad_bytes=int(grads),
+                    transient_bytes=int(e * r * (i + o) * DTYPE_BYTES[param_dtype]))
+
+
 def adapted_weight(g: Graph, m: MatrixSpec, ctx: LayerCtx) -> Sym | None:
-    """W' for an adapted raw parameter, None for one ``target_parameters`` leaves frozen."""
+    """W' for an adapted raw parameter (the routed path's cast factors for an expert tensor with
+    ``experts_path="routed"``), None for one ``target_parameters`` leaves frozen."""
     if not any(m.name == t.name for t in raw_targets(ctx.model, ctx.method)):
         return None
-    return folded_weight(g, m, ctx.method.rank_for(m.parameter_path), ctx.param_dtype, adapter_dtype(ctx.method, ctx.train))
+    make = routed_factors if m.copies > 1 and ctx.method.experts_path == "routed" else folded_weight
+    return make(g, m, ctx.method.rank_for(m.parameter_path), ctx.param_dtype, adapter_dtype(ctx.method, ctx.train))
 
 
 def raw_adapter_params(model: ModelSpec, cfg: LoraConfig) -> int:

@@ -38,7 +38,9 @@ def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[W
 
 
 def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
-    """(forward, backward) work of the ``target_parameters`` folds (:mod:`lorabench.methods.lora.experts`).
+    """(forward, backward) work of the ``target_parameters`` folds (:mod:`lorabench.methods.lora.experts`), or
+    with ``experts_path="routed"`` of the grouped A and B matmuls over the routed tokens (2 n r (in + out) FLOPs
+    forward, twice that backward, for n = T k rows; no weight-sized traffic, no weight-gradient matmul).
 
     Per adapted tensor of E x out x in (p bytes an element) and layer: forward, the baddbmm reads W and writes
     W' (2 E o i p bytes, 2 E o i r FLOPs) after casting the factors; backward, the weight-gradient matmul a
@@ -52,6 +54,10 @@ def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work
         e, i, o = m.copies, m.in_features, m.out_features
         rows = t * (model.experts_per_token if e > 1 else 1)
         r = cfg.rank_for(m.parameter_path)
+        if e > 1 and cfg.experts_path == "routed":  # the routed tokens through A_e and B_e, grouped
+            f = Work(2.0 * rows * r * (i + o), rows * (i + 2 * r + o) * p + e * r * (i + o) * p, 5)
+            fwd, bwd = fwd + f, bwd + f * 2
+            continue
         fwd = fwd + Work(2.0 * e * o * i * r, 2 * e * o * i * p + 2 * e * r * (i + o) * p, 3)
         bwd = bwd + Work(2.0 * rows * o * i + 4.0 * e * o * i * r, rows * (i + o) * p + 3 * e * o * i * p, 5)
     return fwd * model.num_layers, bwd * model.num_layers
