@@ -7,7 +7,7 @@
 torchrun (``torch.distributed.run``) starts N ranks, watches them and, when one dies, stops the others
 and exits non-zero. The tree runs in its own process group, killed on the job timeout; torchrun gets
 SIGKILL when the sweep process dies (``PR_SET_PDEATHSIG``) and each rank exits when torchrun is gone
-(:func:`lorabench.runtime.job.watch_parent`), so nothing is left running. Each rank writes ``rank<r>.json``; the record's ``measured`` block is rank 0's plus
+(:func:`lorabench.runtime.process.watch_parent`), so nothing is left running. Each rank writes ``rank<r>.json``; the record's ``measured`` block is rank 0's plus
 ``per_rank_peak_bytes`` (the tracker's peak on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU) and
 ``per_rank`` (each rank's tracker categories, peak and phase, and its first step's peak). A rank without a result makes the job
 ``failed`` with that rank's last log line. The rendezvous ``join_timeout`` (``dist_timeout_s``) bounds how
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorabench.runtime.job import die_with_parent
+from lorabench.runtime.process import die_with_parent
 from lorabench.runtime.launch import JobOutcome, child_env, kill_group, last_line
 
 #: Status precedence when ranks disagree (the first present wins).

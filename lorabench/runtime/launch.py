@@ -4,7 +4,7 @@ The child (``python -m lorabench.runtime.job --config-json PAYLOAD --out RESULT`
 group, so a timeout kills it and anything it spawned (``SIGKILL`` to the group). It writes its result JSON
 atomically (temp file + rename) and the parent turns it into a record; a child that dies without a result is
 recorded ``failed`` with the last line of its log. The child also exits by itself when its parent dies
-(see :func:`lorabench.runtime.job.watch_parent`), so killing a sweep leaves no orphan measuring on.
+(see :func:`lorabench.runtime.process.watch_parent`), so killing a sweep leaves no orphan measuring on.
 """
 
 from __future__ import annotations
