@@ -18,6 +18,7 @@ DTYPE_BYTES: dict[str, float] = {
     "fp16": 2,
     "int8": 1,
     "nf4": 0.5,
+    "int64": 8,
 }
 
 #: Module kinds used to split parameter counts (the same split the exact-count tests use).

@@ -135,7 +135,11 @@ def _moe_block(g: Graph, x: Sym, ctx: LayerCtx) -> Sym:
     if logits.requires_grad:
         g.save(g.new(t * m.num_experts, "fp32", True))  # softmax's output
     weights = g.record((logits,), g.new(t * k, "fp32", logits.requires_grad))  # top-k, renormalized
+    if logits.requires_grad:  # top-k's indices, the values' copy and their sum (the renormalizing division)
+        g.save(g.new(t * k, "int64", False), g.new(t * k, "fp32", False), g.new(t, "fp32", False))
     routed = g.elementwise(x, numel=t * k * h)  # hidden_states[perm // k]: saves the (int64) indices only
+    if x.requires_grad or logits.requires_grad:  # the sort's permutation, perm // k and the inverse order
+        g.save(*(g.new(t * k, "int64", False) for _ in range(3)))
     gu = _expert_matmul(g, routed, ctx.hooks.adapted_weight(g, gate_up, ctx), gate_up, t * k, train)
     prod = _swiglu(g, gu, t * k * inter)
     down = _expert_matmul(g, prod, ctx.hooks.adapted_weight(g, down_proj, ctx), down_proj, t * k, train)
