@@ -225,3 +225,18 @@ def test_routed_path_saves_the_folds_memory_and_peft_refuses_it() -> None:
         stack_method(spec, _cfg("experts", experts_path="routed"), TrainSpec(precision="bf16", stack="peft"))
     with pytest.raises(UserError, match="experts_path 'fused' is unknown"):
         _cfg("experts", experts_path="fused")
+
+
+def test_peft_folds_twice_per_forward_and_the_routed_path_moves_nothing_weight_sized() -> None:
+    """PEFT's checked register_parametrization evaluates the fold once more (peft 0.21.2); the routed path's
+    forward bytes are activations and factors only."""
+    from lorabench.methods.lora.steptime import fold_work
+
+    spec = load_model("mixtral-8x7b")
+    ours, peft_fold = (fold_work(spec, _cfg("experts"), TrainSpec(precision="bf16", stack=s))[0]
+                       for s in ("lorabench", "peft"))
+    assert peft_fold.flops == pytest.approx(2 * ours.flops) and peft_fold.bytes == pytest.approx(2 * ours.bytes)
+    routed = fold_work(spec, _cfg("experts", experts_path="routed"), TrainSpec(precision="bf16"))[0]
+    weight_bytes = spec.num_layers * sum(m.copies * m.in_features * m.out_features * 2
+                                         for m in spec.matrices if m.copies > 1)
+    assert routed.bytes < 0.01 * weight_bytes < ours.bytes

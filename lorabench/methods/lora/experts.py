@@ -17,7 +17,8 @@ Unlike PEFT, the parametrization is registered with ``unsafe=True``: PEFT's safe
 fold once more to check its shape and dtype, i.e. two folds of every adapted expert tensor per forward.
 Two parameters of one module nest (the wrapper of the later-registered parameter outside), as in PEFT, which
 fixes the file keys: ``mlp.experts.lora_A.weight`` (down_proj) and ``mlp.experts.base_layer.lora_A.weight``
-(gate_up_proj). Memory: :mod:`lorabench.methods.lora.experts_memory`.
+(gate_up_proj). Memory: :mod:`lorabench.methods.lora.experts_memory`. With ``experts_path="routed"`` the
+outermost wrapper of an experts module runs :mod:`lorabench.methods.lora.experts_routed` instead of folding.
 """
 
 from __future__ import annotations

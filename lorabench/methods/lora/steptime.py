@@ -40,7 +40,9 @@ def adapter_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[W
 def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work, Work]:
     """(forward, backward) work of the ``target_parameters`` folds (:mod:`lorabench.methods.lora.experts`), or
     with ``experts_path="routed"`` of the grouped A and B matmuls over the routed tokens (2 n r (in + out) FLOPs
-    forward, twice that backward, for n = T k rows; no weight-sized traffic, no weight-gradient matmul).
+    forward, twice that backward, for n = T k rows; no weight-sized traffic, no weight-gradient matmul). On the
+    PEFT stack each forward folds twice: ``register_parametrization``'s shape/dtype check (``unsafe=False``)
+    evaluates it too (docs/SOURCES.md#peft-param-fold).
 
     Per adapted tensor of E x out x in (p bytes an element) and layer: forward, the baddbmm reads W and writes
     W' (2 E o i p bytes, 2 E o i r FLOPs) after casting the factors; backward, the weight-gradient matmul a
@@ -58,7 +60,8 @@ def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work
             f = Work(2.0 * rows * r * (i + o), rows * (i + 2 * r + o) * p + e * r * (i + o) * p, 5)
             fwd, bwd = fwd + f, bwd + f * 2
             continue
-        fwd = fwd + Work(2.0 * e * o * i * r, 2 * e * o * i * p + 2 * e * r * (i + o) * p, 3)
+        folds = 2 if train.stack == "peft" else 1  # PEFT's checked registration evaluates the fold once more
+        fwd = fwd + Work(2.0 * e * o * i * r, 2 * e * o * i * p + 2 * e * r * (i + o) * p, 3) * folds
         bwd = bwd + Work(2.0 * rows * o * i + 4.0 * e * o * i * r, rows * (i + o) * p + 3 * e * o * i * p, 5)
     return fwd * model.num_layers, bwd * model.num_layers
 
