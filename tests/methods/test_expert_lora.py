@@ -229,7 +229,7 @@ def test_routed_path_saves_the_folds_memory_and_peft_refuses_it() -> None:
 
 def test_peft_folds_twice_per_forward_and_the_routed_path_moves_nothing_weight_sized() -> None:
     """PEFT's checked register_parametrization evaluates the fold once more (peft 0.21.2); the routed path's
-    forward bytes are activations and factors only."""
+    forward bytes are the routed rows and the factors only (b=1, s=512: a few % of the fold's)."""
     from lorabench.methods.lora.steptime import fold_work
 
     spec = load_model("mixtral-8x7b")
@@ -239,4 +239,4 @@ def test_peft_folds_twice_per_forward_and_the_routed_path_moves_nothing_weight_s
     routed = fold_work(spec, _cfg("experts", experts_path="routed"), TrainSpec(precision="bf16"))[0]
     weight_bytes = spec.num_layers * sum(m.copies * m.in_features * m.out_features * 2
                                          for m in spec.matrices if m.copies > 1)
-    assert routed.bytes < 0.01 * weight_bytes < ours.bytes
+    assert ours.bytes > 2 * weight_bytes > 20 * routed.bytes  # the fold reads W and writes W'; routed: rows only
