@@ -240,3 +240,17 @@ def test_peft_folds_twice_per_forward_and_the_routed_path_moves_nothing_weight_s
     weight_bytes = spec.num_layers * sum(m.copies * m.in_features * m.out_features * 2
                                          for m in spec.matrices if m.copies > 1)
     assert ours.bytes > 2 * weight_bytes > 20 * routed.bytes  # the fold reads W and writes W'; routed: rows only
+
+
+def test_tracing_fp32_experts_is_one_line(capsys: Any) -> None:
+    """prepare_model_for_kbit_training casts Mixtral's 16-bit experts to fp32 (hf-qlora): the plan counts it
+    (84.5 -> 169 GiB of weights), the tracer cannot run torch's bf16-only grouped matmul on them."""
+    from lorabench.cli import main
+
+    assert main(["plan", "--model", "mixtral", "--recipe", "hf-qlora", "--format", "json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["prediction"]["components"]["weights"] > 160 * 2**30
+    assert main(["trace", "--model", "mixtral", "--recipe", "hf-qlora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes bf16 only (these weights are fp32, cast by prepare_kbit)" in err[0]
