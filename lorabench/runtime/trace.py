@@ -32,7 +32,8 @@ from lorabench.runtime.bnb_stack import matmul_4bit_as_on_cuda
 from lorabench.runtime.step import autocast_dtype_for, make_optimizer, synthetic_batch, train_steps
 from lorabench.runtime.trace_patches import (cuda_dropout, dequant_as_on_cuda, nf4_for_tracing, quiet_fake_tensor_log,
                                            unpacked_batches_under_fake)
-from lorabench.runtime.tracker import MemoryTracker, StorageInfo
+from lorabench.runtime.storages import StorageInfo
+from lorabench.runtime.tracker import MemoryTracker
 from lorabench.specs import ModelSpec, TrainSpec
 
 DEVICE_NOTE = (

@@ -24,71 +24,20 @@ import contextlib
 import fnmatch
 import threading
 import weakref
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
-from torch.utils._pytree import tree_flatten
 
 from lorabench.memory.categories import PHASES, TRACE_CATEGORIES
+from lorabench.runtime.storages import StorageInfo, is_quantized_module, local_tensor, quant_state_tensors, tensors_in
 
 ACTIVATIONS = "activations"
-QUANTIZED_CLASS_MARKERS: tuple[str, ...] = ("4bit",)
-"""Substrings of a module's class name that mark its tensors as quantized (``Linear4bit``, ``Params4bit``)."""
-
 _NO_STORAGE_OPS = frozenset({torch.ops.prim.device.default, torch.ops.aten.sym_size.default,
                              torch.ops.aten.sym_stride.default, torch.ops.aten.sym_numel.default,
                              torch.ops.aten.sym_storage_offset.default, torch.ops.aten._local_scalar_dense.default})
 """Ops that never return a tensor; skipped without looking at their output (the autograd engine asks a fake
 tensor's device tens of thousands of times per step)."""
-
-
-def is_quantized_module(module: torch.nn.Module) -> bool:
-    """A module whose tensors are quantized weights: ``is_quantized = True`` or a class name with ``4bit``."""
-    if getattr(module, "is_quantized", False) is True:
-        return True
-    name = type(module).__name__.lower()
-    return any(marker in name for marker in QUANTIZED_CLASS_MARKERS)
-
-
-def _quant_state_tensors(param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a bitsandbytes ``Params4bit.quant_state`` and its nested ``state2`` (double quant)."""
-    state, path = getattr(param, "quant_state", None), ""
-    while state is not None:
-        for name, value in vars(state).items():
-            if isinstance(value, torch.Tensor):
-                yield path + name, value
-        state, path = getattr(state, "state2", None), path + "state2."
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a ``DTensor`` (FSDP2's sharded parameters, their gradients and optimizer
-    states), whose storage holds this rank's bytes; any other tensor itself. A DTensor op runs its local op
-    below this mode, so the mode sees the DTensor output and counts its local storage."""
-    local = getattr(tensor, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else tensor
-
-
-def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Plain (or DTensor-local) tensors inside an op's output (lists, tuples, dicts); sparse/storage-less
-    ones skipped."""
-    leaves, _ = tree_flatten(value)
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-            yield local_tensor(leaf)
-
-
-class StorageInfo(NamedTuple):
-    """One tracked storage: the op that produced it (or the registered name), the shape and dtype of the
-    first tensor seen on it, its bytes, category, the module running when it was made, and the phase."""
-
-    op: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-    category: str
-    module: str
-    phase: str
 
 
 def _rows(live: dict[int, list[Any]], category: str | None) -> list[StorageInfo]:
@@ -196,7 +145,7 @@ class MemoryTracker(TorchDispatchMode):
             for name, param in module._parameters.items():
                 if param is None:
                     continue
-                for state_name, tensor in _quant_state_tensors(param):
+                for state_name, tensor in quant_state_tensors(param):
                     self.track_tensor(tensor, "quantized", op=f"{prefix}{name}.quant_state.{state_name}")
                 if self._is_quantized(prefix + name, param):
                     category = "quantized"
@@ -299,7 +248,7 @@ class MemoryTracker(TorchDispatchMode):
             return out
         with self._lock:
             grew = False
-            for tensor in _tensors_in(out):
+            for tensor in tensors_in(out):
                 grew |= self._observe(tensor, func)
             if grew:
                 self._update_peak()
