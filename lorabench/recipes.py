@@ -8,6 +8,7 @@ reads it for ``plan``, ``compare`` and ``trace``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,8 +102,6 @@ def stack_method(model: Any, method: Any, train: Any) -> Any:
     if train.stack != "peft" or not extra or getattr(method, "target_modules", None) != "all-linear" \
             or getattr(method, "target_parameters", "given"):
         return method
-    import dataclasses
-
     if method.lora_dropout or method.use_dora:
         knob = "lora_dropout != 0" if method.lora_dropout else "DoRA"
         raise UserError(f"PEFT's all-linear on {model.name} also wraps the router and experts with ParamWrapper, "
@@ -138,10 +137,9 @@ def peft_stack_problem(model: Any, method: Any, train: Any, device: str) -> str 
     if train.num_gpus > 1:
         return "train.stack=peft runs on one device; use train.stack=lorabench for multi-GPU runs"
     if device == "cpu" and hasattr(method, "double_quant"):
-        from lorabench.quant.sizes import bnb_cpu_row_problem
+        from lorabench.quant.sizes import bnb_cpu_rows_problem
 
-        for matrix in model.quantized_matrices():
-            problem = bnb_cpu_row_problem(matrix.in_features)
-            if problem:
-                return f"{problem} ({model.name} {matrix.name}); use device=cuda"
+        problem = bnb_cpu_rows_problem(model)
+        if problem:
+            return f"{problem}; use device=cuda"
     return None

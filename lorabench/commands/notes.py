@@ -12,9 +12,7 @@ from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.lora.experts_memory import raw_adapter_params, raw_targets
 from lorabench.methods.targets import select
 from lorabench.specs import DTYPE_BYTES, ModelSpec, TrainSpec
-from lorabench.units import human_count
-
-GIB = 1024 ** 3
+from lorabench.units import gib, human_count
 
 
 def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, train: TrainSpec) -> list[str]:
@@ -25,16 +23,16 @@ def method_notes(model: ModelSpec, method: MethodConfig, pred: Prediction, train
     raw = raw_targets(model, method)
     modules = ", ".join(m.leaf for m in targets)
     if raw:
-        folded = sum(m.copies * m.in_features * m.out_features for m in raw) * DTYPE_BYTES[train.param_dtype] / GIB
+        folded = gib(sum(m.copies * m.in_features * m.out_features for m in raw) * DTYPE_BYTES[train.param_dtype])
         notes = [f"note: LoRA trains {modules} and, through target_parameters, "
                  f"{', '.join(m.parameter_path for m in raw)} ({human_count(pred.trainable_params)} parameters)."]
-        if any(m.copies > 1 for m in raw) and method.experts_path == "routed":
+        if any(method.routes(m) for m in raw):
             notes.append("note: experts_path=routed: the routed tokens go through A and B beside the frozen experts; "
                          "nothing weight-sized is made or saved (PEFT's fold would add "
-                         f"{folded:.2f} GiB a layer).")
+                         f"{folded} GiB a layer).")
         elif any(m.copies > 1 for m in raw):
             notes.append(f"note: each layer's forward folds W + B A into a full-size copy of the adapted expert "
-                         f"tensors ({folded:.2f} GiB a layer), saved for backward: gradient checkpointing keeps "
+                         f"tensors ({folded} GiB a layer), saved for backward: gradient checkpointing keeps "
                          f"one layer's; --experts-path routed (lorabench's runtime) makes none.")
     else:
         notes = [f"note: {model.display}'s router and experts are raw parameters, not nn.Linear modules: LoRA "

@@ -88,9 +88,9 @@ def _stack(args: argparse.Namespace, method: Any, train: Any) -> str:
     """The modules to trace: ``train.stack`` (``--stack``, else the recipe's); a PEFT recipe's stack falls back
     to lorabench's modules for a method the PEFT builder does not translate (an explicit ``--stack peft``
     refuses it)."""
-    from lorabench.runtime.peft_stack import supports
+    from lorabench.recipes import peft_stack_supports
 
-    if train.stack != "peft" or supports(method):
+    if train.stack != "peft" or peft_stack_supports(method):
         return str(train.stack)
     if args.stack is not None:
         raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {method.name}",

@@ -31,6 +31,8 @@ so that the bnb comparison backend can be predicted too.
 
 from __future__ import annotations
 
+from typing import Any
+
 NF4_BLOCKSIZE = 64
 """Elements per NF4 block sharing one absmax (QLoRA's and bitsandbytes' default)."""
 
@@ -166,3 +168,13 @@ def bnb_cpu_row_problem(in_features: int, blocksize: int = NF4_BLOCKSIZE) -> str
         return None
     return (f"bitsandbytes' CPU 4-bit kernels mis-dequantize rows of {in_features} (not a multiple of "
             f"blocksize {blocksize}) on AVX512 CPUs")
+
+
+def bnb_cpu_rows_problem(model: Any, blocksize: int = NF4_BLOCKSIZE) -> str | None:
+    """:func:`bnb_cpu_row_problem` for the first quantized matrix of ``model`` (a ModelSpec) it applies to,
+    naming the model and the matrix; None when bitsandbytes' CPU kernels handle every one."""
+    for matrix in model.quantized_matrices():
+        problem = bnb_cpu_row_problem(matrix.in_features, blocksize)
+        if problem:
+            return f"{problem} ({model.name} {matrix.name})"
+    return None

@@ -20,14 +20,8 @@ from torch import nn
 
 from lorabench.errors import UserError
 from lorabench.methods.base import MethodConfig
+from lorabench.recipes import peft_stack_supports
 from lorabench.specs import ModelSpec, TrainSpec
-
-def supports(cfg: MethodConfig) -> bool:
-    """Whether this builder can translate the config into PEFT's (:func:`lorabench.recipes.peft_stack_supports`)."""
-    from lorabench.recipes import peft_stack_supports
-
-    return peft_stack_supports(cfg)
-
 
 def _base_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, device: str, seed: int,
                 quantized: bool) -> nn.Module:
@@ -58,7 +52,7 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
     Raises:
         UserError: a method other than LoRA/QLoRA (the PEFT stack traces LoRA and QLoRA only).
     """
-    if not supports(cfg):
+    if not peft_stack_supports(cfg):
         raise UserError(f"--stack peft traces LoRA and QLoRA (NF4, blocksize 64, no DoRA) only, not {cfg.name}",
                         "use --stack lorabench (the default) for the other methods")
     quantized = type(cfg).__name__ == "QLoraConfig"
@@ -86,14 +80,11 @@ def build_peft_model(spec: ModelSpec, cfg: MethodConfig, train: TrainSpec, *, de
 
         targets = sorted({m.leaf for m in lora_targets(spec, cfg)})
     from lorabench.methods.fused_experts import select_parameters
-    from lorabench.methods.lora.config import parse_pattern
-
     raw = [m.parameter_path for m in select_parameters(spec, cfg.target_parameters, cfg.name)]
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
                         target_modules=targets if targets == "all-linear" else list(targets), bias="none",
                         target_parameters=raw or None, task_type="CAUSAL_LM",
-                        rank_pattern={k: int(v) for k, v in parse_pattern(cfg.rank_pattern, "rank_pattern").items()},
-                        alpha_pattern=parse_pattern(cfg.alpha_pattern, "alpha_pattern"))
+                        rank_pattern=cfg.peft_rank_pattern, alpha_pattern=cfg.peft_alpha_pattern)
     with warnings.catch_warnings():  # for a 4-bit model PEFT asks the deprecated `is_gradient_checkpointing` too
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,7 +63,7 @@ class LoraConfig(MethodConfig):
         for key, rank in parse_pattern(self.rank_pattern, "rank_pattern").items():
             require(rank == int(rank) and rank > 0, f"rank_pattern {key}={rank:g} is not a positive integer",
                     "pass e.g. --rank-pattern o_proj=16")
-        for key, alpha in parse_pattern(self.alpha_pattern, "alpha_pattern").items():
+        for key, alpha in self.peft_alpha_pattern.items():
             require(alpha > 0, f"alpha_pattern {key}={alpha:g} must be positive", "pass e.g. --alpha-pattern o_proj=32")
 
     @classmethod
@@ -79,13 +80,28 @@ class LoraConfig(MethodConfig):
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @functools.cached_property
+    def peft_rank_pattern(self) -> dict[str, int]:
+        """rank_pattern as PEFT's ``LoraConfig.rank_pattern`` dict (parsed once)."""
+        return {k: int(v) for k, v in parse_pattern(self.rank_pattern, "rank_pattern").items()}
+
+    @functools.cached_property
+    def peft_alpha_pattern(self) -> dict[str, float]:
+        """alpha_pattern as PEFT's ``LoraConfig.alpha_pattern`` dict (parsed once)."""
+        return parse_pattern(self.alpha_pattern, "alpha_pattern")
+
     def rank_for(self, path: str) -> int:
         """The rank of the target at ``path`` (a module or raw parameter path): rank_pattern's, else r."""
-        return int(_match(parse_pattern(self.rank_pattern, "rank_pattern"), path, self.r))
+        return int(_match(self.peft_rank_pattern, path, self.r))
 
     def alpha_for(self, path: str) -> float:
         """The lora_alpha of the target at ``path``: alpha_pattern's, else lora_alpha."""
-        return _match(parse_pattern(self.alpha_pattern, "alpha_pattern"), path, self.lora_alpha)
+        return _match(self.peft_alpha_pattern, path, self.lora_alpha)
+
+    def routes(self, m: Any) -> bool:
+        """Whether the adapted raw parameter ``m`` (a MatrixSpec) runs lorabench's routed path: a fused expert
+        tensor (copies > 1) with ``experts_path="routed"``; the router, and everything under ``fold``, folds."""
+        return self.experts_path == "routed" and m.copies > 1
 
     def scaling_for(self, path: str) -> float:
         """alpha / r of that target (alpha / sqrt(r) with rsLoRA), PEFT's per-target scaling."""
@@ -111,5 +127,5 @@ def parse_pattern(entries: str | tuple[str, ...] | None, what: str) -> dict[str,
     return out
 
 
-def _match(pattern: dict[str, float], path: str, default: float) -> float:
+def _match(pattern: dict[str, Any], path: str, default: float) -> float:
     return next((v for k, v in pattern.items() if name_matches(path, k)), default)

@@ -166,25 +166,20 @@ class ParamLora(nn.Module):
 def wrap_raw(model: nn.Module, chosen: tuple[MatrixSpec, ...], cfg: Any, dtype: torch.dtype) -> None:
     """Wrap the ``chosen`` raw parameters of every decoder layer, nesting in the module's registration order;
     each with its rank and alpha from ``cfg`` (a LoraConfig: r / lora_alpha, or rank_pattern / alpha_pattern)."""
+    by_module: dict[str, dict[str, MatrixSpec]] = {}  # module path in the layer -> parameter name -> matrix
+    for m in chosen:
+        module_path, _, name = m.parameter_path.rpartition(".")
+        by_module.setdefault(module_path, {})[name] = m
     for layer_path, _ in layer_module_paths(model):
-        by_module: dict[str, list[str]] = {}
-        for m in chosen:
-            module_path, _, name = m.parameter_path.rpartition(".")
-            by_module.setdefault(f"{layer_path}.{module_path}", []).append(name)
-        for path, names in by_module.items():
+        for module_path, params in by_module.items():
+            path = f"{layer_path}.{module_path}"
             module = model.get_submodule(path)
-            order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
-            for name in order:
-                key = f"{path.removeprefix(layer_path + '.')}.{name}"
-                routed = cfg.experts_path == "routed" and module_path_is_experts(key)
-                module = ParamLora(module, name, r=cfg.rank_for(key), lora_alpha=cfg.alpha_for(key),
-                                   use_rslora=cfg.use_rslora, dtype=dtype, routed=routed)
+            for name in [n for n, _ in module.named_parameters(recurse=False) if n in params]:
+                m = params[name]
+                module = ParamLora(module, name, r=cfg.rank_for(m.parameter_path),
+                                   lora_alpha=cfg.alpha_for(m.parameter_path), use_rslora=cfg.use_rslora,
+                                   dtype=dtype, routed=cfg.routes(m))
             replace_module(model, path, module)
-
-
-def module_path_is_experts(parameter_path: str) -> bool:
-    """A fused expert tensor's path (``mlp.experts.gate_up_proj``), not a 2-D weight's (``mlp.gate.weight``)."""
-    return not parameter_path.endswith(".weight")
 
 
 def raw_lora_modules(model: nn.Module) -> list[tuple[str, ParamLora]]:

@@ -22,7 +22,7 @@ from lorabench.memory.autograd import Graph, Sym
 from lorabench.methods.fused_experts import select_parameters
 from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.protocols import LayerCtx
-from lorabench.methods.terms import adapter_dtype
+from lorabench.methods.terms import adapter_dtype, is_target
 from lorabench.specs import DTYPE_BYTES, MatrixSpec, ModelSpec
 
 
@@ -59,9 +59,9 @@ def routed_factors(g: Graph, m: MatrixSpec, r: int, param_dtype: str, lora_dtype
 def adapted_weight(g: Graph, m: MatrixSpec, ctx: LayerCtx) -> Sym | None:
     """W' for an adapted raw parameter (the routed path's cast factors for an expert tensor with
     ``experts_path="routed"``), None for one ``target_parameters`` leaves frozen."""
-    if not any(m.name == t.name for t in raw_targets(ctx.model, ctx.method)):
+    if not is_target(m, raw_targets(ctx.model, ctx.method)):
         return None
-    make = routed_factors if m.copies > 1 and ctx.method.experts_path == "routed" else folded_weight
+    make = routed_factors if ctx.method.routes(m) else folded_weight
     return make(g, m, ctx.method.rank_for(m.parameter_path), ctx.param_dtype, adapter_dtype(ctx.method, ctx.train))
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lorabench.errors import UserError
-from lorabench.methods.lora.config import LoraConfig, parse_pattern
+from lorabench.methods.lora.config import LoraConfig
 from lorabench.methods.targets import select
 from lorabench.methods.common import (PEFT_KEY_PREFIX, UninitLinear, adapter_torch_dtype, freeze, is_conv1d,  # noqa: F401
                                       layer_module_paths, load_peft_state, module_device, replace_module,
@@ -207,8 +207,7 @@ def save_adapter(model: nn.Module, directory: str | Path, spec: ModelSpec, cfg: 
         "fan_in_fan_out": spec.traits.conv1d, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": cfg.use_dora,
         "target_parameters": sorted(m.parameter_path for m in raw_targets(spec, cfg)) or None,
-        "rank_pattern": {k: int(v) for k, v in parse_pattern(cfg.rank_pattern, "rank_pattern").items()},
-        "alpha_pattern": parse_pattern(cfg.alpha_pattern, "alpha_pattern"),
+        "rank_pattern": cfg.peft_rank_pattern, "alpha_pattern": cfg.peft_alpha_pattern,
     }
     return save_peft_files(directory, config, state)
 

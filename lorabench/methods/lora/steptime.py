@@ -56,7 +56,7 @@ def fold_work(model: ModelSpec, cfg: LoraConfig, train: TrainSpec) -> tuple[Work
         e, i, o = m.copies, m.in_features, m.out_features
         rows = t * (model.experts_per_token if e > 1 else 1)
         r = cfg.rank_for(m.parameter_path)
-        if e > 1 and cfg.experts_path == "routed":  # the routed tokens through A_e and B_e, grouped
+        if cfg.routes(m):  # the routed tokens through A_e and B_e, grouped
             f = Work(2.0 * rows * r * (i + o), rows * (i + 2 * r + o) * p + e * r * (i + o) * p, 5)
             fwd, bwd = fwd + f, bwd + f * 2
             continue

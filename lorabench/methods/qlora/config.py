@@ -46,15 +46,12 @@ class QLoraConfig(LoraConfig):
     def run_problem(self, model: Any, device: str) -> str | None:
         """The bitsandbytes backend on the CPU with a quantized linear whose rows bitsandbytes' CPU kernels
         get wrong (:func:`lorabench.quant.sizes.bnb_cpu_row_problem`)."""
-        from lorabench.quant.sizes import bnb_cpu_row_problem
+        from lorabench.quant.sizes import bnb_cpu_rows_problem
 
         if device != "cpu" or self.backend != "bitsandbytes":
             return None
-        for matrix in model.quantized_matrices():
-            problem = bnb_cpu_row_problem(matrix.in_features, self.blocksize)
-            if problem:
-                return f"{problem} ({model.name} {matrix.name}); use method.backend=lorabench, or device=cuda"
-        return None
+        problem = bnb_cpu_rows_problem(model, self.blocksize)
+        return f"{problem}; use method.backend=lorabench, or device=cuda" if problem else None
 
     def __post_init__(self) -> None:
         super().__post_init__()
